@@ -1,0 +1,156 @@
+"""Base classes of method configs: dataclasses with a JSON round trip in the Hugging Face PEFT format."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from peft_core.errors import ConfigError
+
+TASK_TYPES = (
+    "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION",
+)
+CONFIG_NAME = "adapter_config.json"
+_ANY = object()  # an ignored field whose every value is harmless
+
+
+@dataclass
+class PeftConfig:
+    """What every adapter config has. Subclasses add their method's fields and set ``PEFT_TYPE``."""
+
+    PEFT_TYPE: ClassVar[str] = ""
+    # Fields that Hugging Face PEFT writes and this library has no use for, with the value at which
+    # ignoring them changes nothing (or _ANY). Other unknown fields are ignored with a warning.
+    IGNORED_FIELDS: ClassVar[dict[str, Any]] = {"auto_mapping": _ANY, "peft_version": _ANY}
+
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def peft_type(self) -> str:
+        return self.PEFT_TYPE
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for invalid values. Subclasses extend it (and call super)."""
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise ConfigError(f"task_type={self.task_type!r} is not one of {', '.join(TASK_TYPES)} (or None).")
+
+    # --- JSON round trip ---------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {"peft_type": self.peft_type}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            data[f.name] = sorted(value) if isinstance(value, (set, frozenset)) else value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PeftConfig:
+        data = dict(data)
+        peft_type = data.pop("peft_type", cls.PEFT_TYPE)
+        if peft_type != cls.PEFT_TYPE:
+            raise ConfigError(f"{cls.__name__} reads peft_type {cls.PEFT_TYPE!r}, not {peft_type!r}.")
+        known = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = {k: data.pop(k) for k in list(data) if k not in known}
+        surprising = [k for k, v in unknown.items() if not cls._is_ignorable(k, v)]
+        if surprising:
+            warnings.warn(
+                f"{cls.__name__}: ignoring {', '.join(f'{k}={unknown[k]!r}' for k in surprising)}, which this "
+                f"version does not support (the adapter may come from a newer library). Outputs may differ "
+                f"from the library that wrote it; upgrade the plugin if a newer one supports it.",
+                stacklevel=3,
+            )
+        return cls(**data)
+
+    @classmethod
+    def _is_ignorable(cls, key: str, value: Any) -> bool:
+        expected = cls.IGNORED_FIELDS.get(key, None)
+        return expected is _ANY or value == expected or value in (None, False, "", [], {})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (atomically)."""
+        from peft_core.serialization import atomic_write_bytes
+
+        os.makedirs(save_directory, exist_ok=True)
+        atomic_write_bytes(os.path.join(save_directory, CONFIG_NAME), self.to_json_string().encode())
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **hub_kwargs: Any) -> PeftConfig:
+        """Read a config from a directory, a JSON file or a Hub repo; the class is chosen by ``peft_type``."""
+        from peft_core.serialization import read_config_dict
+
+        data = read_config_dict(path, **hub_kwargs)
+        if cls.PEFT_TYPE:
+            return cls.from_dict(data)
+        return config_from_dict(data)
+
+
+def config_from_dict(data: dict[str, Any]) -> PeftConfig:
+    """Build the config of whichever installed method reads ``data['peft_type']``."""
+    from peft_core.plugins import registry
+
+    if "peft_type" not in data:
+        raise ConfigError("The adapter config has no 'peft_type'; it is not a PEFT adapter config.")
+    method = registry().method_for_peft_type(data["peft_type"])
+    return method.config_class.from_dict(data)
+
+
+@dataclass
+class LayerConfig(PeftConfig):
+    """Fields shared by methods that adapt individual layers (LoRA, IA3, AdaLoRA, ...).
+
+    ``target_modules``: a list of module names or name suffixes (``"q_proj"`` matches
+    ``model.layers.0.self_attn.q_proj``), a regular expression matched against the full name, or
+    ``"all-linear"`` (every Linear-like layer but the output head). ``None`` picks the method's
+    default for the model type. ``exclude_modules`` takes the same forms. ``layers_to_transform``
+    keeps only the layers with these indices in the stack named by ``layers_pattern``.
+    ``modules_to_save`` are whole modules trained and saved in full with the adapter.
+    """
+
+    # Default targets by transformers ``model_type``, used when ``target_modules`` is None.
+    DEFAULT_TARGET_MODULES: ClassVar[dict[str, list[str]]] = {}
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    fan_in_fan_out: bool = False
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, sorted(value))
+            elif value is not None and not isinstance(value, (str, list)):
+                raise ConfigError(f"{name} must be a list of names, a regex string or None, not {value!r}.")
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise ConfigError("layers_pattern only has an effect with layers_to_transform; set both.")
+        if self.layers_to_transform is not None and isinstance(self.target_modules, str) \
+                and self.target_modules != "all-linear":
+            raise ConfigError(
+                "layers_to_transform cannot be combined with a regex target_modules; put the layer "
+                "indices into the regex instead."
+            )
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+
+def field_list(*values: Any) -> Any:
+    """A dataclass field defaulting to a fresh list of ``values``."""
+    return field(default_factory=lambda: list(values))

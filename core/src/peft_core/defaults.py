@@ -1,0 +1,73 @@
+"""peft-core's own hook implementations: merging and state dicts for every layer method.
+
+Registered before any plugin and marked ``trylast``, so a plugin that implements the same hook for its
+config runs first and can take over by returning a result.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from peft_core.plugins import hookimpl
+from peft_core.walk import iter_modules
+
+if TYPE_CHECKING:  # torch is imported on first use, so that plugin discovery stays light
+    import torch
+    from torch import nn
+
+    from peft_core.config import PeftConfig
+    from peft_core.layer import AdapterLayer
+
+SAVED_PREFIX = "base_model.model."  # the Hugging Face PEFT format's prefix of every saved key
+
+
+def adapter_layers(model: nn.Module, adapter_name: str) -> list[tuple[str, AdapterLayer]]:
+    from peft_core.layer import AdapterLayer
+
+    return [
+        (name, module) for name, module in iter_modules(model)
+        if isinstance(module, AdapterLayer) and adapter_name in module.adapters
+    ]
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """Saved key -> live tensor for the adapter's layer adapters and ``modules_to_save`` copies."""
+    from peft_core.layer import AdapterLayer
+    from peft_core.modules_to_save import ModulesToSave
+
+    tensors = {}
+    for name, module in iter_modules(model):
+        if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
+            for key, tensor in module.adapters[adapter_name].saved_tensors().items():
+                tensors[f"{SAVED_PREFIX}{name}.{key}"] = tensor
+        elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+            # Saved under the module's own path, as if it were not wrapped.
+            for key, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                tensors[f"{SAVED_PREFIX}{name}.{key}"] = tensor
+    return tensors
+
+
+@hookimpl(trylast=True)
+def peft_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    return adapter_state_dict(model, adapter_name)
+
+
+@hookimpl(trylast=True)
+def peft_merge(model: nn.Module, config: PeftConfig, adapter_name: str, safe_merge: bool) -> bool:
+    done = []
+    try:
+        for name, layer in adapter_layers(model, adapter_name):
+            layer.merge(adapter_name, safe_merge=safe_merge, where=name)
+            done.append(layer)
+    except Exception:
+        for layer in done:  # a failed merge leaves the whole model as it was, not half merged
+            layer.unmerge(adapter_name)
+        raise
+    return True
+
+
+@hookimpl(trylast=True)
+def peft_unmerge(model: nn.Module, adapter_name: str) -> bool:
+    for _, layer in adapter_layers(model, adapter_name):
+        layer.unmerge(adapter_name)
+    return True

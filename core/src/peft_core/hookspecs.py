@@ -1,0 +1,119 @@
+"""The contract between peft-core and method plugins.
+
+Every hook is named ``peft_<what>`` and is called with keyword arguments, so a plugin implements only
+the arguments it needs and specs can grow without breaking plugins. Hooks run at lifecycle moments
+(discovery, injection, once per model call, merge, save/load, quantization), never inside a layer's
+forward: a layer's forward is a plain ``nn.Module.forward`` of the modules the plugin injected.
+
+Hooks marked *first result* stop at the first implementation that returns something other than
+``None``; a plugin returns ``None`` for configs that are not its own. peft-core registers defaults for
+layer methods (see :mod:`peft_core.defaults`) that run last, so a layer method usually implements
+only :func:`peft_register_methods` and :func:`peft_inject`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from peft_core.config import PeftConfig
+    from peft_core.plugins import Method
+
+hookspec = pluggy.HookspecMarker("peft_core")
+
+
+# --- discovery -------------------------------------------------------------------------------
+
+
+@hookspec
+def peft_register_methods(register: Callable[[Method], None]) -> None:
+    """Declare the methods this plugin provides.
+
+    Called once, when plugins are loaded. Call ``register(Method(name=..., peft_type=...,
+    config_class=...))`` for each method. A ``name`` or ``peft_type`` that another plugin already
+    registered is refused with :class:`~peft_core.errors.PluginError`.
+    """
+
+
+# --- building a model ---------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def peft_quantize(model: nn.Module, config: PeftConfig) -> nn.Module | None:
+    """Replace the base model's layers by quantized ones before any adapter is injected.
+
+    Called by ``get_peft_model`` and ``PeftModel.from_pretrained`` once per new adapter, before
+    :func:`peft_inject`. Receives the base model (possibly already quantized: then quantize nothing)
+    and the adapter's config. Returns the model (the same object, changed in place) if this plugin
+    quantized it or found it already quantized as asked, ``None`` if the config asks for no
+    quantization this plugin provides.
+    """
+
+
+@hookspec(firstresult=True)
+def peft_inject(model: nn.Module, config: PeftConfig, adapter_name: str) -> list[str] | None:
+    """Put the method's modules for one adapter into the model.
+
+    Called once per adapter by ``get_peft_model``, ``add_adapter`` and ``load_adapter``. Receives
+    the base model (already carrying other adapters, maybe of other methods), the adapter's config
+    and its name. A layer method usually calls :func:`peft_core.inject.inject_adapters` with its table
+    of adapter classes by layer type. Returns the qualified names of the modules it adapted, or
+    ``None`` if the config is not this plugin's.
+    """
+
+
+@hookspec(firstresult=True)
+def peft_forward(
+    model: nn.Module, config: PeftConfig, adapter_name: str, inputs: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Transform a model call's inputs for one active adapter (soft prompts, prefixes).
+
+    Called once per ``PeftModel.forward`` / ``generate`` call, for each active adapter whose
+    :class:`~peft_core.plugins.Method` declares ``transforms_inputs=True``; never for layer methods.
+    Receives the base model, the adapter's config and name, and the keyword inputs of the call.
+    Returns the new keyword inputs, or ``None`` if the config is not this plugin's.
+    """
+
+
+# --- merging ----------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def peft_merge(model: nn.Module, config: PeftConfig, adapter_name: str, safe_merge: bool) -> bool | None:
+    """Fold one adapter into the base weights.
+
+    Called by ``merge_adapter`` and ``merge_and_unload``. With ``safe_merge`` the merged weights
+    are checked for NaN/Inf before the base is changed. Returns ``True`` when merged, ``None`` to
+    leave it to the next implementation. peft-core's default merges every adapter layer's
+    ``merged_weight``; raise :class:`~peft_core.errors.PeftError` for a method that cannot merge.
+    """
+
+
+@hookspec(firstresult=True)
+def peft_unmerge(model: nn.Module, config: PeftConfig, adapter_name: str) -> bool | None:
+    """Undo :func:`peft_merge` for one adapter, restoring the base weights to float tolerance.
+
+    Called by ``unmerge_adapter`` and ``unload``. Returns ``True`` when done, ``None`` to leave it to
+    the next implementation.
+    """
+
+
+# --- saving and loading -----------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def peft_state_dict(model: nn.Module, config: PeftConfig, adapter_name: str) -> dict[str, torch.Tensor] | None:
+    """Map the adapter's saved keys to its live tensors.
+
+    Called by ``save_pretrained`` (the tensors are written under these keys) and by
+    ``from_pretrained`` / ``load_adapter`` (loaded tensors are copied into them), so one mapping
+    serves both ways. Keys are in the Hugging Face PEFT format: ``base_model.model.<module path>.
+    <parameter>`` without the adapter name. Returns the mapping, or ``None`` to leave it to the next
+    implementation (peft-core's default covers adapter layers and ``modules_to_save``).
+    """

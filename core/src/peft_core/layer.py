@@ -1,0 +1,160 @@
+"""The wrapper that takes a base layer's place and holds adapters of any method.
+
+A method contributes an :class:`Adapter` per target layer. The wrapper applies the active, unmerged
+adapters in one fixed order, the same for every method:
+
+1. *input* adapters (``acts_on = "input"``), in activation order, each maps the input: ``x = a(x)``;
+2. the base layer runs on that input;
+3. *output* adapters (``acts_on = "output"``), in activation order, each maps the output given the
+   layer's original input: ``out = a(x, out)`` (LoRA adds ``B(A(x))``, IA3 scales ``out``).
+
+The base layer is never changed except by an explicit merge, so disabling or unloading is exact.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from peft_core.errors import PeftError
+
+
+class Adapter(nn.Module):
+    """One method's adapter for one base layer.
+
+    Subclasses implement ``forward`` (``(x, out) -> out`` for output adapters, ``x -> x`` for
+    input adapters) and, if the method can merge, ``merged_weight`` / ``unmerged_weight`` on the base
+    layer's weight as stored (e.g. ``(in, out)`` for GPT-2's ``Conv1D``).
+    """
+
+    acts_on: ClassVar[str] = "output"
+    # Live parameter name -> key suffix in the saved file, where Hugging Face PEFT names it otherwise.
+    SAVED_NAMES: ClassVar[dict[str, str]] = {}
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        raise PeftError(f"{type(self).__name__} cannot be merged into its base layer.")
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        raise PeftError(f"{type(self).__name__} cannot be unmerged from its base layer.")
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter's tensors under their saved key suffixes (live tensors, not copies)."""
+        return {self.SAVED_NAMES.get(k, k): v for k, v in self.state_dict(keep_vars=True).items()}
+
+
+class AdapterLayer(nn.Module):
+    """Holds a base layer and the adapters (``adapters[name]``) that modify it."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+        # What forward applies, derived from the fields above by _refresh: plain tuples, so the hot
+        # path does no lookups by name.
+        self._input_adapters: tuple[Adapter, ...] = ()
+        self._output_adapters: tuple[Adapter, ...] = ()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._output_adapters and not self._input_adapters:
+            return self.base_layer(x)
+        base_input = x
+        for adapter in self._input_adapters:
+            base_input = adapter(base_input)
+        out = self.base_layer(base_input)
+        for adapter in self._output_adapters:
+            out = adapter(x, out)
+        return out
+
+    def __getattr__(self, name: str):
+        # Model code reads attributes of the layer it built (``.weight``, ``.in_features``, ...).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+    # --- adapter state ------------------------------------------------------------------------
+
+    def add(self, name: str, adapter: Adapter) -> None:
+        if name in self.adapters:
+            raise PeftError(f"This layer already has an adapter named {name!r}; delete it first.")
+        self.adapters[name] = adapter
+        self._refresh()
+
+    def remove(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge(name)
+        del self.adapters[name]
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+        self._refresh()
+
+    def set_active(self, names: list[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.adapters]
+        self._refresh()
+
+    def set_disabled(self, disabled: bool) -> None:
+        self.disabled = disabled
+        self._refresh()
+
+    def _refresh(self) -> None:
+        live = [] if self.disabled else [
+            self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters
+        ]
+        self._input_adapters = tuple(a for a in live if a.acts_on == "input")
+        self._output_adapters = tuple(a for a in live if a.acts_on == "output")
+
+    # --- merging ------------------------------------------------------------------------------
+
+    def merge(self, name: str, safe_merge: bool = False, where: str = "") -> None:
+        if name in self.merged_adapters or name not in self.adapters:
+            return
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            merged = self.adapters[name].merged_weight(weight.detach())
+            if safe_merge and not torch.isfinite(merged).all():
+                raise PeftError(
+                    f"Merging adapter {name!r} into {where or type(self.base_layer).__name__} gives NaN or "
+                    f"Inf weights; the base layer was left unchanged. Check the adapter's weights (a "
+                    f"diverged training run?) before merging."
+                )
+            weight.copy_(merged.to(weight.dtype))
+        self.merged_adapters.append(name)
+        self._refresh()
+
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged_adapters:
+            return
+        # Merges do not commute for every method (scaling, DoRA): undo the later ones first.
+        later = self.merged_adapters[self.merged_adapters.index(name) + 1 :]
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            for other in [*reversed(later), name]:
+                weight.copy_(self.adapters[other].unmerged_weight(weight.detach()).to(weight.dtype))
+            for other in later:
+                weight.copy_(self.adapters[other].merged_weight(weight.detach()).to(weight.dtype))
+        self.merged_adapters.remove(name)
+        self._refresh()
+
+
+def adapter_placement(base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Device and dtype for a new adapter of ``base_layer``.
+
+    Adapters live where the base computes: on the execution device of an accelerate offload hook when
+    the weights themselves sit on ``meta``. They are float32 for half-precision or quantized bases, as
+    in Hugging Face PEFT, because low-precision adapter weights train poorly.
+    """
+    weight = next(base_layer.parameters(), None)
+    device = weight.device if weight is not None else torch.device("cpu")
+    if device.type == "meta":
+        hook = getattr(base_layer, "_hf_hook", None)
+        execution_device = getattr(hook, "execution_device", None)
+        if execution_device is not None:
+            device = torch.device(execution_device)
+    dtype = weight.dtype if weight is not None and weight.dtype in (torch.float32, torch.float64) else torch.float32
+    return device, dtype

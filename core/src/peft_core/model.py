@@ -1,0 +1,389 @@
+"""``PeftModel``: a base model with adapters of any installed methods, and ``get_peft_model``.
+
+The user-facing API follows Hugging Face PEFT: same method names, same meanings. The structure too:
+``peft_model.base_model.model`` is the wrapped transformers model, so parameter names start with
+``base_model.model.`` as in the saved files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from peft_core.config import PeftConfig, config_from_dict
+from peft_core.errors import PeftError, PluginError
+from peft_core.layer import AdapterLayer
+from peft_core.modules_to_save import ModulesToSave
+from peft_core.plugins import Method, registry
+from peft_core.serialization import copy_into, read_config_dict, read_weights, save_adapter
+from peft_core.walk import iter_modules, replace_module
+
+
+class AdaptedModel(nn.Module):
+    """Holds the model whose layers carry adapters (``.model``); the root of saved key names."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+class PeftModel(nn.Module):
+    """A model with one or more named adapters, of one or several methods.
+
+    Build one with :func:`get_peft_model` or :meth:`from_pretrained`. Attributes the wrapper does not
+    have are looked up on the wrapped model, so ``peft_model.config`` or ``peft_model.device`` work.
+    """
+
+    # Modules that task wrappers train and save in full with every adapter (a classification head).
+    TASK_MODULES_TO_SAVE: tuple[str, ...] = ()
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = AdaptedModel(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self.active_adapters: list[str] = []
+        self._methods: dict[str, Method] = {}
+        self._merged: list[str] = []
+        self._disabled = False
+        model.requires_grad_(False)  # only what adapters add (and what they save) trains
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+        if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+            # With the base frozen, checkpointed blocks would see inputs that need no grad and skip
+            # the adapters' backward.
+            model.enable_input_require_grads()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model.model, name)
+
+    # --- the wrapped model -------------------------------------------------------------------
+
+    def get_base_model(self) -> nn.Module:
+        """The transformers (or any torch) model, carrying the adapter layers."""
+        return self.base_model.model
+
+    @property
+    def active_adapter(self) -> str:
+        return self.active_adapters[0]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model(*args, **self._transform_inputs(kwargs))
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model.generate(*args, **self._transform_inputs(kwargs))
+
+    def _transform_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        if self._disabled:
+            return inputs
+        for name in self.active_adapters:
+            if self._methods[name].transforms_inputs:
+                inputs = registry().hook.peft_forward(
+                    model=self.base_model.model, config=self.peft_config[name], adapter_name=name, inputs=inputs
+                )
+        return inputs
+
+    # --- adapters ----------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Inject a new, inactive adapter; ``set_adapter`` activates it."""
+        if adapter_name in self.peft_config:
+            raise PeftError(f"An adapter named {adapter_name!r} exists already; delete it or pick another name.")
+        method = registry().method_for_config(peft_config)
+        self._prepare_config(peft_config)
+        hook = registry().hook
+        hook.peft_quantize(model=self.base_model.model, config=peft_config)
+        injected = hook.peft_inject(model=self.base_model.model, config=peft_config, adapter_name=adapter_name)
+        if injected is None:
+            raise PluginError(
+                f"The {method.name} plugin ({method.package or 'user code'}) registered "
+                f"{type(peft_config).__name__} but injected nothing for it: its peft_inject hook must "
+                f"return the adapted module names."
+            )
+        self.peft_config[adapter_name] = peft_config
+        self._methods[adapter_name] = method
+        self._apply_state()
+
+    def _prepare_config(self, config: PeftConfig) -> None:
+        model = self.base_model.model
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        if self.TASK_MODULES_TO_SAVE and hasattr(config, "modules_to_save"):
+            extra = [m for m in self.TASK_MODULES_TO_SAVE if m not in (config.modules_to_save or [])]
+            config.modules_to_save = [*(config.modules_to_save or []), *extra]
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make these adapters the active ones; only active adapters train (unless in inference mode)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise PeftError(f"No adapter named {unknown[0]!r}; this model has {sorted(self.peft_config)}.")
+        self.active_adapters = names
+        self._apply_state()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; layers left with no adapter get their base layer back."""
+        if adapter_name not in self.peft_config:
+            raise PeftError(f"No adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}.")
+        if adapter_name in self._merged:
+            self._unmerge(adapter_name)
+        for name, module in self._peft_modules():
+            if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
+                module.remove(adapter_name)
+                if not module.adapters:
+                    replace_module(self.base_model.model, name, module.base_layer)
+            elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+                module.remove(adapter_name)
+                if not module.modules_to_save:
+                    replace_module(self.base_model.model, name, module.original_module)
+        del self.peft_config[adapter_name]
+        del self._methods[adapter_name]
+        self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
+        if not self.active_adapters and self.peft_config:
+            self.active_adapters = [next(iter(self.peft_config))]
+        self._apply_state()
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone inside the ``with`` block (merged adapters stay merged)."""
+        self._disabled = True
+        self._apply_state()
+        try:
+            yield
+        finally:
+            self._disabled = False
+            self._apply_state()
+
+    def _peft_modules(self) -> list[tuple[str, nn.Module]]:
+        return [(n, m) for n, m in iter_modules(self.base_model.model) if isinstance(m, (AdapterLayer, ModulesToSave))]
+
+    def _apply_state(self) -> None:
+        """Push active/disabled state into every adapter module and set what trains."""
+        for _, module in self._peft_modules():
+            module.set_active(self.active_adapters)
+            module.set_disabled(self._disabled)
+        for name, config in self.peft_config.items():
+            trainable = name in self.active_adapters and not config.inference_mode
+            for tensor in self._adapter_tensors(name).values():
+                if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
+                    tensor.requires_grad_(trainable)
+
+    def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        tensors = registry().hook.peft_state_dict(
+            model=self.base_model.model, config=self.peft_config[adapter_name], adapter_name=adapter_name
+        )
+        return tensors if tensors is not None else {}
+
+    # --- merging -----------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; forward then costs nothing extra."""
+        for name in adapter_names or self.active_adapters:
+            if name in self._merged:
+                continue
+            registry().hook.peft_merge(
+                model=self.base_model.model, config=self.peft_config[name], adapter_name=name, safe_merge=safe_merge
+            )
+            self._merged.append(name)
+        self._apply_state()
+
+    def unmerge_adapter(self) -> None:
+        """Undo every merge, restoring the base weights."""
+        for name in reversed(list(self._merged)):
+            self._unmerge(name)
+        self._apply_state()
+
+    def _unmerge(self, name: str) -> None:
+        registry().hook.peft_unmerge(model=self.base_model.model, config=self.peft_config[name], adapter_name=name)
+        self._merged.remove(name)
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge adapters (default: the active ones) and return the base model with no adapter modules.
+
+        ``modules_to_save`` are replaced by the active adapter's trained copy.
+        """
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._strip(keep_trained_copies=True)
+
+    def unload(self) -> nn.Module:
+        """Return the base model as it was: adapters unmerged and removed, original modules back."""
+        self.unmerge_adapter()
+        return self._strip(keep_trained_copies=False)
+
+    def _strip(self, keep_trained_copies: bool) -> nn.Module:
+        model = self.base_model.model
+        for name, module in self._peft_modules():
+            if isinstance(module, AdapterLayer):
+                replace_module(model, name, module.base_layer)
+            elif keep_trained_copies and module.active_adapter is not None:
+                replace_module(model, name, module.modules_to_save[module.active_adapter])
+            else:
+                replace_module(model, name, module.original_module)
+        return model
+
+    # --- parameters --------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters); 4-bit packed weights count as their unpacked size."""
+        trainable = total = 0
+        for param in self.parameters():
+            count = param.numel()
+            if type(param).__name__ == "Params4bit":
+                count *= 2 * param.element_size()
+            total += count
+            if param.requires_grad:
+                trainable += count
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # --- saving and loading ------------------------------------------------------------------
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_ignored: Any
+    ) -> None:
+        """Save adapters in the Hugging Face PEFT format: ``default`` at the top, others in subfolders."""
+        if os.path.isfile(save_directory):
+            raise PeftError(f"{save_directory} is a file; save_pretrained needs a directory.")
+        for name in selected_adapters or list(self.peft_config):
+            config = self.peft_config[name]
+            directory = save_directory if name == "default" else os.path.join(save_directory, name)
+            data = config.to_dict()
+            data["inference_mode"] = True
+            tensors = self._adapter_tensors(name)
+            save_adapter(directory, type(config).from_dict(data).to_json_string(), tensors)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+        is_trainable: bool = False, config: PeftConfig | None = None, **hub_kwargs: Any,
+    ) -> PeftModel:
+        """Load a saved adapter (a directory or a Hub repo id) onto ``model``.
+
+        ``hub_kwargs``: ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``.
+        With ``is_trainable=False`` (the default) the adapter is frozen, for inference.
+        """
+        config = config or config_from_dict(read_config_dict(model_id, **hub_kwargs))
+        config.inference_mode = not is_trainable
+        target_cls = TASK_MODELS.get(config.task_type, cls) if cls is PeftModel else cls
+        peft_model = target_cls(model, config, adapter_name)
+        try:
+            peft_model._load_weights(adapter_name, model_id, hub_kwargs)
+        except Exception:
+            peft_model.unload()  # hand the caller's model back as it was
+            raise
+        return peft_model
+
+    def load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **hub_kwargs: Any
+    ) -> None:
+        """Add a saved adapter under ``adapter_name`` (inactive until ``set_adapter``)."""
+        config = config_from_dict(read_config_dict(model_id, **hub_kwargs))
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_weights(adapter_name, model_id, hub_kwargs)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _load_weights(self, adapter_name: str, model_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -> None:
+        loaded = read_weights(model_id, **hub_kwargs)
+        targets = self._adapter_tensors(adapter_name)
+        targets.update(self._base_tensors_for(loaded, targets, adapter_name))
+        missing = copy_into(targets, loaded, str(model_id))
+        if missing:
+            import warnings
+
+            warnings.warn(
+                f"The adapter in {model_id} lacks {len(missing)} weights this model expects, e.g. "
+                f"{missing[0]!r}; they keep their initial values.", stacklevel=3,
+            )
+
+    def _base_tensors_for(
+        self, loaded: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], adapter_name: str
+    ) -> dict[str, torch.Tensor]:
+        """Live tensors for saved keys that name base-model weights (a resized embedding, biases).
+
+        Hugging Face PEFT saves such weights under their parameter names with the adapter name left out.
+        """
+        live = dict(self.base_model.named_parameters())
+        found = {}
+        for key in loaded:
+            if key in targets:
+                continue
+            name = key.replace(".modules_to_save.", f".modules_to_save.{adapter_name}.")
+            if name in live:
+                found[key] = live[name]
+            elif key in live:
+                found[key] = live[key]
+        return found
+
+
+class PeftModelForCausalLM(PeftModel):
+    """A causal language model with adapters."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """An encoder-decoder model with adapters."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """A sequence classifier with adapters; its head trains and is saved with every adapter."""
+
+    TASK_MODULES_TO_SAVE = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """A token classifier with adapters; its head trains and is saved with every adapter."""
+
+    TASK_MODULES_TO_SAVE = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """An extractive question-answering model with adapters; its span head trains with them."""
+
+    TASK_MODULES_TO_SAVE = ("qa_outputs",)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """An encoder producing features, with adapters."""
+
+
+TASK_MODELS: dict[str | None, type[PeftModel]] = {
+    "CAUSAL_LM": PeftModelForCausalLM,
+    "SEQ_2_SEQ_LM": PeftModelForSeq2SeqLM,
+    "SEQ_CLS": PeftModelForSequenceClassification,
+    "TOKEN_CLS": PeftModelForTokenClassification,
+    "QUESTION_ANS": PeftModelForQuestionAnswering,
+    "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
+}
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``model`` with a new adapter; the class follows ``peft_config.task_type``."""
+    return TASK_MODELS.get(peft_config.task_type, PeftModel)(model, peft_config, adapter_name)

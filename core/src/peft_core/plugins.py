@@ -1,0 +1,188 @@
+"""The plugin manager: loads the ``peft_core`` entry points once and keeps the registry of methods.
+
+It is the only global state of the library. Nothing here imports torch or a plugin by name: a plugin is
+found through its entry point, and the methods it provides through its ``peft_register_methods`` hook.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import threading
+from dataclasses import dataclass, replace
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+from peft_core import hookspecs
+from peft_core.errors import PluginError
+
+if TYPE_CHECKING:
+    from peft_core.config import PeftConfig
+
+ENTRY_POINT_GROUP = "peft_core"
+hookimpl = pluggy.HookimplMarker("peft_core")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A fine-tuning method a plugin provides.
+
+    ``peft_type`` is the string written to and read from ``adapter_config.json``; ``package`` and
+    ``version`` name the distribution that registered it (filled in by the manager).
+    ``transforms_inputs`` marks methods that act on the model's inputs through ``peft_forward``
+    (soft prompts) rather than on its layers.
+    """
+
+    name: str
+    peft_type: str
+    config_class: type[PeftConfig]
+    transforms_inputs: bool = False
+    package: str | None = None
+    version: str | None = None
+
+
+def package_for_peft_type(peft_type: str) -> str:
+    """The distribution that, by the naming convention of this project, provides ``peft_type``."""
+    return "peft-" + peft_type.lower().replace("_", "-")
+
+
+class PluginRegistry:
+    """A pluggy manager plus the methods its plugins registered, built once per process."""
+
+    def __init__(self) -> None:
+        self.manager = pluggy.PluginManager("peft_core")
+        self.manager.add_hookspecs(hookspecs)
+        self.methods: dict[str, Method] = {}
+        self.broken: dict[str, str] = {}  # plugin name -> why it was refused
+        from peft_core import defaults
+
+        self.manager.register(defaults, name="peft_core.defaults")
+
+    @property
+    def hook(self) -> Any:
+        return self.manager.hook
+
+    def load_entry_points(self) -> None:
+        for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = entry_point.dist
+            package = dist.metadata["Name"] if dist is not None else entry_point.value
+            version = dist.version if dist is not None else None
+            name = f"{package}:{entry_point.name}"
+            if self.manager.has_plugin(name) or self.manager.is_blocked(name):
+                continue
+            try:
+                plugin = entry_point.load()
+                self.register(plugin, name=name, package=package, version=version)
+            except Exception as exc:  # one broken plugin must not stop the others
+                self.broken[name] = f"{type(exc).__name__}: {exc}"
+
+    def register(
+        self, plugin: ModuleType | object, name: str | None = None, package: str | None = None,
+        version: str | None = None,
+    ) -> None:
+        """Register a plugin object (a module or instance with ``@hookimpl`` functions).
+
+        Raises :class:`PluginError` if it implements a hook that does not exist or registers a method
+        name or ``peft_type`` that is already taken; the plugin is then left unregistered.
+        """
+        label = package or name or getattr(plugin, "__name__", repr(plugin))
+        try:
+            name = self.manager.register(plugin, name=name)
+        except pluggy.PluginValidationError as exc:
+            raise PluginError(f"Plugin {label} is invalid: {exc}") from exc
+        try:
+            self._check_hooks(plugin, label)
+            new_methods = self._collect_methods(plugin, label, package, version)
+        except Exception:
+            self.manager.unregister(name=name)
+            raise
+        self.methods.update(new_methods)
+
+    def _check_hooks(self, plugin: object, label: str) -> None:
+        for hook_caller in self.manager.get_hookcallers(plugin) or []:
+            if not hook_caller.has_spec():
+                raise PluginError(
+                    f"Plugin {label} implements the hook '{hook_caller.name}', which peft-core does not "
+                    f"define. Check its spelling against peft_core.hookspecs, or upgrade peft-core."
+                )
+
+    def _collect_methods(
+        self, plugin: object, label: str, package: str | None, version: str | None
+    ) -> dict[str, Method]:
+        found: dict[str, Method] = {}
+
+        def register_method(method: Method) -> None:
+            method = replace(method, package=package or method.package, version=version or method.version)
+            for taken in (*self.methods.values(), *found.values()):
+                if method.name == taken.name or method.peft_type == taken.peft_type:
+                    raise PluginError(
+                        f"Plugin {label} registers method '{method.name}' (peft_type "
+                        f"'{method.peft_type}'), but {taken.package or 'user code'} already registered "
+                        f"'{taken.name}' (peft_type '{taken.peft_type}'). Uninstall one of the two."
+                    )
+            found[method.name] = method
+
+        for impl in self.manager.hook.peft_register_methods.get_hookimpls():
+            if impl.plugin is plugin:
+                impl.function(**{arg: register_method for arg in impl.argnames})
+        return found
+
+    def method_for_config(self, config: PeftConfig) -> Method:
+        # The most derived registered class wins, so a subclass method (QLoRA of LoRA) is found.
+        for cls in type(config).__mro__:
+            for method in self.methods.values():
+                if method.config_class is cls:
+                    return method
+        raise PluginError(
+            f"No installed plugin provides {type(config).__name__}. Register its plugin with "
+            f"peft_core.register_plugin(...) or install the package that provides it."
+        )
+
+    def method_for_peft_type(self, peft_type: str) -> Method:
+        for method in self.methods.values():
+            if method.peft_type == peft_type:
+                return method
+        hint = f" (it failed to load: {'; '.join(self.broken.values())})" if self.broken else ""
+        raise PluginError(
+            f"No installed plugin reads adapters of peft_type '{peft_type}'{hint}. Install its plugin: "
+            f"pip install {package_for_peft_type(peft_type)}"
+        )
+
+
+_registry: PluginRegistry | None = None
+_lock = threading.Lock()
+
+
+def registry() -> PluginRegistry:
+    """The process-wide registry, with entry points loaded on first use."""
+    global _registry
+    if _registry is None:
+        with _lock:
+            if _registry is None:
+                fresh = PluginRegistry()
+                fresh.load_entry_points()
+                _registry = fresh
+    return _registry
+
+
+def reset_registry() -> None:
+    """Forget loaded plugins, so the next use scans entry points again (for tests and notebooks)."""
+    global _registry
+    with _lock:
+        _registry = None
+
+
+def methods() -> list[Method]:
+    """The methods of every installed and registered plugin, sorted by name."""
+    return sorted(registry().methods.values(), key=lambda m: m.name)
+
+
+def broken_plugins() -> dict[str, str]:
+    """Plugins that were found but refused, with the reason."""
+    return dict(registry().broken)
+
+
+def register_plugin(plugin: ModuleType | object, name: str | None = None) -> None:
+    """Register a plugin defined in user code, without packaging it as an entry point."""
+    registry().register(plugin, name=name)

@@ -1,0 +1,89 @@
+"""``LoraConfig``: the fields and meanings Hugging Face PEFT users know."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from peft_core.config import _ANY, LayerConfig
+from peft_core.errors import ConfigError
+
+INIT_CHOICES = (True, False, "gaussian", "pissa")
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraConfig(LayerConfig):
+    """Low-rank adaptation: each target layer learns ``W + (lora_alpha / r) * B @ A``.
+
+    ``r``: rank of the update. ``lora_alpha``: its scale numerator (``use_rslora`` divides by
+    ``sqrt(r)`` instead of ``r``). ``lora_dropout``: dropout on the adapter's input. ``bias``:
+    which base biases also train and are saved (``"none"``, ``"all"``, ``"lora_only"``).
+    ``use_dora``: weight-decomposed LoRA (a learned magnitude per output). ``init_lora_weights``:
+    ``True`` (B = 0, so the model starts unchanged), ``False`` (random A and B), ``"gaussian"``,
+    ``"pissa"`` (A and B from the weight's top singular vectors; the base keeps the residual) or
+    ``"pissa_niter_<n>"`` (the same with a fast randomized SVD). ``rank_pattern`` /
+    ``alpha_pattern``: per-module ``r`` / ``lora_alpha`` by module name suffix or regex.
+    """
+
+    PEFT_TYPE: ClassVar[str] = "LORA"
+    IGNORED_FIELDS: ClassVar[dict[str, Any]] = {
+        **LayerConfig.IGNORED_FIELDS, "megatron_core": "megatron.core", "qalora_group_size": _ANY,
+    }
+    DEFAULT_TARGET_MODULES: ClassVar[dict[str, list[str]]] = {
+        "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
+        "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
+        "phi": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "bart": ["q_proj", "v_proj"],
+        "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
+        "bloom": ["query_key_value"], "gptj": ["q_proj", "v_proj"], "t5": ["q", "v"], "mt5": ["q", "v"],
+        "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+        "distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"],
+    }
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"LoraConfig.r must be a positive integer (the rank), not {self.r!r}.")
+        for key, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, not {rank!r}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), not {self.lora_dropout!r}.")
+        if self.bias not in BIAS_CHOICES:
+            raise ConfigError(f"bias must be one of {BIAS_CHOICES}, not {self.bias!r}.")
+        if self.init_lora_weights not in INIT_CHOICES and not pissa_iterations(self.init_lora_weights):
+            raise ConfigError(
+                f"init_lora_weights={self.init_lora_weights!r} is not supported; use True, False, "
+                f"'gaussian', 'pissa' or 'pissa_niter_<n>'."
+            )
+
+    def rank_for(self, module_name: str) -> int:
+        return pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+
+
+def pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
+    """The value of the first key that matches the end of ``module_name`` (a suffix or a regex)."""
+    for key, value in pattern.items():
+        if re.match(rf"(?:.*\.)?(?:{key})$", module_name):
+            return value
+    return default
+
+
+def pissa_iterations(init: object) -> int | None:
+    """``n`` for ``"pissa_niter_<n>"``, else None."""
+    found = re.fullmatch(r"pissa_niter_(\d+)", init) if isinstance(init, str) else None
+    return int(found.group(1)) if found else None

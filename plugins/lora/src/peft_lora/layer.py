@@ -1,0 +1,222 @@
+"""LoRA adapters for Linear-like layers (``nn.Linear``, GPT-2's ``Conv1D``), ``nn.Conv2d`` and ``nn.Embedding``.
+
+Each adapter computes ``out + scaling * B(A(dropout(x)))`` and can fold ``scaling * B @ A`` into the base
+weight. DoRA (``use_dora``) rescales each output of the adapted layer by a learned magnitude divided by
+the norm of the adapted weight's row, the norm held constant in the backward pass as the DoRA paper
+suggests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft_core.errors import ConfigError
+from peft_core.inject import LayerTable
+from peft_core.layer import Adapter
+from peft_lora.config import LoraConfig
+from peft_lora.init import init_lora_pair, init_pissa, is_pissa
+
+
+class LoraAdapter(Adapter):
+    """What the three layer kinds share: rank, scaling, dropout and, for DoRA, the magnitude vector."""
+
+    def __init__(self, base_layer: nn.Module, config: LoraConfig, module_name: str) -> None:
+        super().__init__()
+        self.r = config.rank_for(module_name)
+        alpha = config.alpha_for(module_name)
+        self.scaling = alpha / (math.sqrt(self.r) if config.use_rslora else self.r)
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_magnitude_vector: nn.Parameter | None = None
+        # Not a submodule: the wrapper owns the base layer, DoRA and PiSSA only read its weight.
+        object.__setattr__(self, "base", base_layer)
+        self._merge_scale: torch.Tensor | None = None  # DoRA's magnitude / norm at merge time
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` in the base weight's layout."""
+        raise NotImplementedError
+
+    def _init_dora(self) -> None:
+        self.lora_magnitude_vector = nn.Parameter(self._dora_norm(self._from_layout(self.base.weight.detach())))
+
+    def _dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """Per-output norm of the adapted weight ``weight + delta``, shaped like the magnitude vector."""
+        adapted = weight.to(self.lora_B.weight.dtype) + self.delta_weight()
+        return torch.linalg.vector_norm(adapted, dim=tuple(range(1, adapted.dim())))
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.delta_weight()
+        if self.lora_magnitude_vector is None:
+            return self._to_layout(self._from_layout(weight) + delta.to(weight.dtype))
+        adapted = self._from_layout(weight).to(delta.dtype) + delta
+        scale = self._magnitude_scale(adapted)
+        self._merge_scale = scale
+        return self._to_layout(adapted * scale)
+
+    def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        delta = self.delta_weight()
+        if self.lora_magnitude_vector is None:
+            return self._to_layout(self._from_layout(weight) - delta.to(weight.dtype))
+        return self._to_layout(self._from_layout(weight).to(delta.dtype) / self._merge_scale - delta)
+
+    def _magnitude_scale(self, adapted: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(adapted, dim=tuple(range(1, adapted.dim())), keepdim=True)
+        return self.lora_magnitude_vector.view(norm.shape) / norm.detach()
+
+    # The base weight's stored layout versus (out, in, ...): only Conv1D differs.
+    def _from_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+    def _to_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight
+
+
+class LoraLinear(LoraAdapter):
+    """LoRA for ``nn.Linear`` and for GPT-2's ``Conv1D`` (weight stored as ``(in, out)``)."""
+
+    def __init__(self, base_layer: nn.Module, config: LoraConfig, module_name: str, transposed: bool) -> None:
+        super().__init__(base_layer, config, module_name)
+        self.transposed = transposed
+        out_features, in_features = base_layer.weight.shape[::-1] if transposed else base_layer.weight.shape
+        self.lora_A = nn.Linear(in_features, self.r, bias=False)  # (r, in)
+        self.lora_B = nn.Linear(self.r, out_features, bias=False)  # (out, r)
+        init_lora_pair(self.lora_A.weight, self.lora_B.weight, config.init_lora_weights)
+        if is_pissa(config.init_lora_weights):
+            init_pissa(self, config.init_lora_weights)
+        if config.use_dora:
+            self._init_dora()
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # x: (..., in), out: (..., out)
+        lora_a, lora_b = self.lora_A.weight, self.lora_B.weight
+        if x.dtype != lora_a.dtype:
+            x = x.to(lora_a.dtype)
+        x = self.dropout(x)
+        if self.lora_magnitude_vector is not None:
+            return self._dora_forward(x, out)
+        hidden = F.linear(x, lora_a)  # (..., r)
+        if out.dtype != hidden.dtype:
+            return out + (F.linear(hidden, lora_b) * self.scaling).to(out.dtype)
+        # One fused kernel for out + scaling * hidden @ B^T instead of a matmul, a scale and an add.
+        flat = torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, self.r), lora_b.t(), alpha=self.scaling)
+        return flat.view(out.shape)
+
+    def _dora_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        weight = self._from_layout(self.base.weight).to(x.dtype)
+        scale = self._magnitude_scale(weight + self.delta_weight()).view(-1)  # (out,)
+        lora = F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight) * self.scaling
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            bias = self.base.bias
+            base = out.to(x.dtype) - bias if bias is not None else out.to(x.dtype)
+        else:  # the base output saw the undropped input; the rescaled part uses the dropped one
+            base = F.linear(x, weight)
+        return out + ((scale - 1) * base + scale * lora).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, in)
+
+    def _from_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t() if self.transposed else weight
+
+    def _to_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t() if self.transposed else weight
+
+
+class LoraConv2d(LoraAdapter):
+    """LoRA for ``nn.Conv2d``: A is a convolution with the base's kernel into ``r`` channels, B a 1x1."""
+
+    def __init__(self, base_layer: nn.Conv2d, config: LoraConfig, module_name: str) -> None:
+        super().__init__(base_layer, config, module_name)
+        if base_layer.groups != 1:
+            raise ConfigError(f"LoRA supports Conv2d with groups=1 only; '{module_name}' has {base_layer.groups}.")
+        self.lora_A = nn.Conv2d(
+            base_layer.in_channels, self.r, base_layer.kernel_size, base_layer.stride, base_layer.padding,
+            base_layer.dilation, bias=False,
+        )
+        self.lora_B = nn.Conv2d(self.r, base_layer.out_channels, 1, 1, bias=False)
+        init_lora_pair(self.lora_A.weight, self.lora_B.weight, config.init_lora_weights)
+        if config.use_dora:
+            self._init_dora()
+            # Stored as (1, out, 1, 1), the layout of the saved format.
+            self.lora_magnitude_vector = nn.Parameter(self.lora_magnitude_vector.data.view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # x: (B, in, H, W), out: (B, out, H', W')
+        x = self.dropout(x.to(self.lora_A.weight.dtype))
+        lora = self.lora_B(self.lora_A(x)) * self.scaling
+        if self.lora_magnitude_vector is None:
+            return out + lora.to(out.dtype)
+        weight = self.base.weight.to(x.dtype)
+        scale = self._magnitude_scale(weight + self.delta_weight()).view(1, -1, 1, 1)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            bias = self.base.bias
+            base = out.to(x.dtype) - bias.view(1, -1, 1, 1) if bias is not None else out.to(x.dtype)
+        else:
+            base = F.conv2d(x, weight, None, self.base.stride, self.base.padding, self.base.dilation)
+        return out + ((scale - 1) * base + scale * lora).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        # delta[o, i, kh, kw] = sum_r B[o, r] * A[r, i, kh, kw]
+        return torch.einsum("or,rihw->oihw", self.lora_B.weight[:, :, 0, 0], self.lora_A.weight) * self.scaling
+
+
+class LoraEmbedding(LoraAdapter):
+    """LoRA for ``nn.Embedding``: a low-rank table ``A`` looked up by token, projected by ``B``."""
+
+    def __init__(self, base_layer: nn.Embedding, config: LoraConfig, module_name: str) -> None:
+        super().__init__(base_layer, config, module_name)
+        if config.use_dora:
+            raise ConfigError(
+                f"use_dora is supported on Linear, Conv1D and Conv2d layers, not on the embedding "
+                f"'{module_name}'; add it to exclude_modules or drop it from target_modules."
+            )
+        # Saved names are the parameters' own: lora_embedding_A (r, num), lora_embedding_B (dim, r).
+        self.lora_embedding_A = nn.Parameter(torch.empty(self.r, base_layer.num_embeddings))
+        self.lora_embedding_B = nn.Parameter(torch.empty(base_layer.embedding_dim, self.r))
+        init = config.init_lora_weights
+        if init is False:
+            nn.init.normal_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+        else:  # the table starts at zero so the model starts unchanged; B carries the randomness
+            nn.init.zeros_(self.lora_embedding_A)
+            nn.init.normal_(self.lora_embedding_B)
+        self.lookup = dict(
+            padding_idx=base_layer.padding_idx, max_norm=base_layer.max_norm, norm_type=base_layer.norm_type,
+            scale_grad_by_freq=base_layer.scale_grad_by_freq, sparse=base_layer.sparse,
+        )
+
+    # Embeddings have no dropout on their integer input.
+    def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        # x: (...) token ids, out: (..., dim)
+        rows = F.embedding(x, self.lora_embedding_A.t(), **self.lookup)  # (..., r)
+        return out + (rows @ self.lora_embedding_B.t() * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_embedding_B @ self.lora_embedding_A).t() * self.scaling  # (num, dim)
+
+
+def _linear(base: nn.Module, config: LoraConfig, adapter_name: str, module_name: str) -> LoraLinear:
+    return LoraLinear(base, config, module_name, transposed=False)
+
+
+def _conv1d(base: nn.Module, config: LoraConfig, adapter_name: str, module_name: str) -> LoraLinear:
+    return LoraLinear(base, config, module_name, transposed=True)
+
+
+def _conv2d(base: nn.Module, config: LoraConfig, adapter_name: str, module_name: str) -> LoraConv2d:
+    return LoraConv2d(base, config, module_name)
+
+
+def _embedding(base: nn.Module, config: LoraConfig, adapter_name: str, module_name: str) -> LoraEmbedding:
+    return LoraEmbedding(base, config, module_name)
+
+
+LORA_LAYERS = LayerTable({
+    "torch.nn.modules.linear.Linear": _linear,
+    "transformers.pytorch_utils.Conv1D": _conv1d,
+    "torch.nn.modules.conv.Conv2d": _conv2d,
+    "torch.nn.modules.sparse.Embedding": _embedding,
+})

@@ -1,0 +1,54 @@
+"""The LoRA plugin's hook implementations (the entry point ``peft_core: lora``).
+
+Importing this module stays light: layers, and so torch, load when an adapter is first injected.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from peft_core import Method, hookimpl
+from peft_lora.config import LoraConfig
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@hookimpl
+def peft_register_methods(register) -> None:
+    register(Method(name="lora", peft_type="LORA", config_class=LoraConfig))
+
+
+@hookimpl
+def peft_inject(model: nn.Module, config: object, adapter_name: str) -> list[str] | None:
+    if not isinstance(config, LoraConfig):
+        return None
+    from peft_core.inject import inject_adapters
+    from peft_lora.layer import LORA_LAYERS
+
+    return inject_adapters(model, config, adapter_name, LORA_LAYERS)
+
+
+@hookimpl
+def peft_state_dict(model: nn.Module, config: object, adapter_name: str) -> dict[str, torch.Tensor] | None:
+    """The core's mapping plus the base biases that ``bias`` trains (saved under their own names)."""
+    if not isinstance(config, LoraConfig) or config.bias == "none":
+        return None
+    from peft_core.defaults import SAVED_PREFIX, adapter_layers, adapter_state_dict
+
+    tensors = adapter_state_dict(model, adapter_name)
+    if config.bias == "lora_only":
+        for name, layer in adapter_layers(model, adapter_name):
+            if getattr(layer.base_layer, "bias", None) is not None:
+                tensors[f"{SAVED_PREFIX}{name}.base_layer.bias"] = layer.base_layer.bias
+        return tensors
+    for name, param in model.named_parameters():
+        if name.endswith("bias") and ".adapters." not in name and _belongs_to(name, adapter_name):
+            tensors[SAVED_PREFIX + name.replace(f".modules_to_save.{adapter_name}.", ".modules_to_save.")] = param
+    return tensors
+
+
+def _belongs_to(name: str, adapter_name: str) -> bool:
+    """False for parameters of another adapter's ``modules_to_save`` copy."""
+    return ".modules_to_save." not in name or f".modules_to_save.{adapter_name}." in name
