@@ -54,15 +54,12 @@ def peft_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
 
 @hookimpl(trylast=True)
 def peft_merge(model: nn.Module, config: PeftConfig, adapter_name: str, safe_merge: bool) -> bool:
-    done = []
-    try:
-        for name, layer in adapter_layers(model, adapter_name):
-            layer.merge(adapter_name, safe_merge=safe_merge, where=name)
-            done.append(layer)
-    except Exception:
-        for layer in done:  # a failed merge leaves the whole model as it was, not half merged
-            layer.unmerge(adapter_name)
-        raise
+    layers = adapter_layers(model, adapter_name)
+    if safe_merge:  # check every layer before changing any, so a failure leaves the model as it was
+        for name, layer in layers:
+            layer.check_merge(adapter_name, where=name)
+    for _, layer in layers:
+        layer.merge(adapter_name)
     return True
 
 

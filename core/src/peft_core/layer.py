@@ -111,19 +111,23 @@ class AdapterLayer(nn.Module):
 
     # --- merging ------------------------------------------------------------------------------
 
-    def merge(self, name: str, safe_merge: bool = False, where: str = "") -> None:
+    def check_merge(self, name: str, where: str = "") -> None:
+        """Raise if merging adapter ``name`` would put NaN or Inf into the base weight."""
+        with torch.no_grad():
+            merged = self.adapters[name].merged_weight(self.base_layer.weight.detach())
+        if not torch.isfinite(merged).all():
+            raise PeftError(
+                f"Merging adapter {name!r} into {where or type(self.base_layer).__name__} gives NaN or Inf "
+                f"weights; the model was left unchanged. Check the adapter's weights (a diverged training "
+                f"run?) before merging."
+            )
+
+    def merge(self, name: str) -> None:
         if name in self.merged_adapters or name not in self.adapters:
             return
         weight = self.base_layer.weight
         with torch.no_grad():
-            merged = self.adapters[name].merged_weight(weight.detach())
-            if safe_merge and not torch.isfinite(merged).all():
-                raise PeftError(
-                    f"Merging adapter {name!r} into {where or type(self.base_layer).__name__} gives NaN or "
-                    f"Inf weights; the base layer was left unchanged. Check the adapter's weights (a "
-                    f"diverged training run?) before merging."
-                )
-            weight.copy_(merged.to(weight.dtype))
+            weight.copy_(self.adapters[name].merged_weight(weight.detach()).to(weight.dtype))
         self.merged_adapters.append(name)
         self._refresh()
 

@@ -64,7 +64,7 @@ class PeftModel(nn.Module):
         model.requires_grad_(False)  # only what adapters add (and what they save) trains
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
-        if getattr(model, "is_gradient_checkpointing", False) and hasattr(model, "enable_input_require_grads"):
+        if _is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
             # With the base frozen, checkpointed blocks would see inputs that need no grad and skip
             # the adapters' backward.
             model.enable_input_require_grads()
@@ -259,7 +259,8 @@ class PeftModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        share = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     # --- saving and loading ------------------------------------------------------------------
 
@@ -342,6 +343,14 @@ class PeftModel(nn.Module):
             elif key in live:
                 found[key] = live[key]
         return found
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed the flag; reading the old name there only warns.
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), flag):
+            return bool(getattr(model, flag))
+    return False
 
 
 class PeftModelForCausalLM(PeftModel):

@@ -6,9 +6,9 @@ import math
 from typing import TYPE_CHECKING
 
 import torch
+from peft_core.errors import ConfigError
 from torch import nn
 
-from peft_core.errors import ConfigError
 from peft_lora.config import pissa_iterations
 
 if TYPE_CHECKING:

@@ -12,11 +12,11 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from peft_core.errors import ConfigError
 from peft_core.inject import LayerTable
 from peft_core.layer import Adapter
+from torch import nn
+
 from peft_lora.config import LoraConfig
 from peft_lora.init import init_lora_pair, init_pissa, is_pissa
 

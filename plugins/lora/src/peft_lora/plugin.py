@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from peft_core import Method, hookimpl
+
 from peft_lora.config import LoraConfig
 
 if TYPE_CHECKING:
@@ -25,6 +26,7 @@ def peft_inject(model: nn.Module, config: object, adapter_name: str) -> list[str
     if not isinstance(config, LoraConfig):
         return None
     from peft_core.inject import inject_adapters
+
     from peft_lora.layer import LORA_LAYERS
 
     return inject_adapters(model, config, adapter_name, LORA_LAYERS)
