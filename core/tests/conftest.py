@@ -23,9 +23,9 @@ def input_ids():
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def scale_method():
-    """Registers the test-only 'scale' method once: core tests need no method plugin."""
+    """Registers the test-only 'scale' method (again after a test reset the registry)."""
     import scale_method as plugin
 
     if "scale" not in registry().methods:
