@@ -8,10 +8,9 @@ from pathlib import Path
 import peft
 import pytest
 import torch
-from transformers import AutoTokenizer, BertForSequenceClassification
-
 from peft_core import PeftModel, get_peft_model
 from peft_lora import LoraConfig
+from transformers import AutoTokenizer, BertForSequenceClassification
 
 SENTENCES = [
     ("a wonderful, moving film", 1), ("I loved every minute of it", 1), ("brilliant acting and a clever plot", 1),

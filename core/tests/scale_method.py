@@ -31,7 +31,7 @@ class ScaleLinear(Adapter):
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return out * self.scale
 
-    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+    def merged_weight(self, weight: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor:
         return weight * self.scale[:, None]
 
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:

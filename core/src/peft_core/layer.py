@@ -26,14 +26,18 @@ class Adapter(nn.Module):
 
     Subclasses implement ``forward`` (``(x, out) -> out`` for output adapters, ``x -> x`` for
     input adapters) and, if the method can merge, ``merged_weight`` / ``unmerged_weight`` on the base
-    layer's weight as stored (e.g. ``(in, out)`` for GPT-2's ``Conv1D``).
+    layer's weight as stored (e.g. ``(in, out)`` for GPT-2's ``Conv1D``). ``merged_weight`` gets the
+    current weight, which may hold other merged adapters, and the base weight without them, which is what
+    forward computes with; a merge must make the layer compute what forward computed with the adapter
+    active. Merges are undone last-in, first-out, so ``unmerged_weight`` may rely on state its own merge
+    kept.
     """
 
     acts_on: ClassVar[str] = "output"
     # Live parameter name -> key suffix in the saved file, where Hugging Face PEFT names it otherwise.
     SAVED_NAMES: ClassVar[dict[str, str]] = {}
 
-    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+    def merged_weight(self, weight: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor:
         raise PeftError(f"{type(self).__name__} cannot be merged into its base layer.")
 
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
@@ -111,11 +115,21 @@ class AdapterLayer(nn.Module):
 
     # --- merging ------------------------------------------------------------------------------
 
+    def _merged_weight(self, name: str) -> torch.Tensor:
+        weight = self.base_layer.weight.detach()
+        return self.adapters[name].merged_weight(weight, self._without_merged(weight))
+
+    def _without_merged(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` with every merged adapter taken out (``weight`` itself if none is merged)."""
+        for name in reversed(self.merged_adapters):
+            weight = self.adapters[name].unmerged_weight(weight)
+        return weight
+
     def check_merge(self, name: str, where: str = "") -> None:
         """Raise if merging adapter ``name`` would put NaN or Inf into the base weight."""
         with torch.no_grad():
-            merged = self.adapters[name].merged_weight(self.base_layer.weight.detach())
-        if not torch.isfinite(merged).all():
+            finite = torch.isfinite(self._merged_weight(name)).all()
+        if not finite:
             raise PeftError(
                 f"Merging adapter {name!r} into {where or type(self.base_layer).__name__} gives NaN or Inf "
                 f"weights; the model was left unchanged. Check the adapter's weights (a diverged training "
@@ -127,22 +141,23 @@ class AdapterLayer(nn.Module):
             return
         weight = self.base_layer.weight
         with torch.no_grad():
-            weight.copy_(self.adapters[name].merged_weight(weight.detach()).to(weight.dtype))
+            weight.copy_(self._merged_weight(name).to(weight.dtype))
         self.merged_adapters.append(name)
         self._refresh()
 
     def unmerge(self, name: str) -> None:
         if name not in self.merged_adapters:
             return
-        # Merges do not commute for every method (scaling, DoRA): undo the later ones first.
+        # Merges do not commute for every method (scaling, DoRA): undo the later ones first, then
+        # merge them again.
         later = self.merged_adapters[self.merged_adapters.index(name) + 1 :]
         weight = self.base_layer.weight
         with torch.no_grad():
             for other in [*reversed(later), name]:
                 weight.copy_(self.adapters[other].unmerged_weight(weight.detach()).to(weight.dtype))
-            for other in later:
-                weight.copy_(self.adapters[other].merged_weight(weight.detach()).to(weight.dtype))
-        self.merged_adapters.remove(name)
+                self.merged_adapters.remove(other)
+        for other in later:
+            self.merge(other)
         self._refresh()
 
 

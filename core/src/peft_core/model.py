@@ -332,7 +332,7 @@ class PeftModel(nn.Module):
 
         Hugging Face PEFT saves such weights under their parameter names with the adapter name left out.
         """
-        live = dict(self.base_model.named_parameters())
+        live = dict(self.named_parameters())  # names start with base_model.model., as saved keys do
         found = {}
         for key in loaded:
             if key in targets:

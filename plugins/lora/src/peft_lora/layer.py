@@ -33,7 +33,7 @@ class LoraAdapter(Adapter):
         self.lora_magnitude_vector: nn.Parameter | None = None
         # Not a submodule: the wrapper owns the base layer, DoRA and PiSSA only read its weight.
         object.__setattr__(self, "base", base_layer)
-        self._merge_scale: torch.Tensor | None = None  # DoRA's magnitude / norm at merge time
+        self._merge_scale: torch.Tensor | None = None  # the scale DoRA's merge applied, to undo it
 
     def delta_weight(self) -> torch.Tensor:
         """``scaling * B @ A`` in the base weight's layout."""
@@ -47,14 +47,15 @@ class LoraAdapter(Adapter):
         adapted = weight.to(self.lora_B.weight.dtype) + self.delta_weight()
         return torch.linalg.vector_norm(adapted, dim=tuple(range(1, adapted.dim())))
 
-    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+    def merged_weight(self, weight: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor:
         delta = self.delta_weight()
         if self.lora_magnitude_vector is None:
             return self._to_layout(self._from_layout(weight) + delta.to(weight.dtype))
-        adapted = self._from_layout(weight).to(delta.dtype) + delta
-        scale = self._magnitude_scale(adapted)
+        # In forward, DoRA rescales everything computed before it (base and earlier adapters), with the
+        # norm of the unmerged base weight plus its own update; merging does the same to the weight.
+        scale = self._magnitude_scale(self._from_layout(base_weight).to(delta.dtype) + delta)
         self._merge_scale = scale
-        return self._to_layout(adapted * scale)
+        return self._to_layout(scale * (self._from_layout(weight).to(delta.dtype) + delta))
 
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         delta = self.delta_weight()

@@ -29,7 +29,12 @@ def peft_inject(model: nn.Module, config: object, adapter_name: str) -> list[str
 
     from peft_lora.layer import LORA_LAYERS
 
-    return inject_adapters(model, config, adapter_name, LORA_LAYERS)
+    names = inject_adapters(model, config, adapter_name, LORA_LAYERS)
+    # Hugging Face PEFT records that GPT-2's Conv1D stores its weight transposed; the saved config says so too.
+    config.fan_in_fan_out = config.fan_in_fan_out or any(
+        getattr(model.get_submodule(name).adapters[adapter_name], "transposed", False) for name in names
+    )
+    return names
 
 
 @hookimpl
