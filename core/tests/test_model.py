@@ -125,7 +125,8 @@ def test_attribute_passthrough_and_generate(llama, input_ids):
     model = get_peft_model(llama, ScaleConfig(target_modules=["o_proj"]))  # scale 1: the identity
     assert model.config is llama.config
     assert model.get_base_model() is llama and model.base_model.model is llama
-    assert model.model.layers[0].self_attn.o_proj.in_features == 64  # through the wrapper too
+    assert model.model is llama  # as in Hugging Face PEFT: through base_model to the wrapped model
+    assert model.get_base_model().model.layers[0].self_attn.o_proj.in_features == 64  # through the layer wrapper
     expected = llama.generate(input_ids, max_new_tokens=4, do_sample=False)
     torch.testing.assert_close(model.generate(input_ids=input_ids, max_new_tokens=4, do_sample=False), expected)
 

@@ -13,12 +13,22 @@ The base layer is never changed except by an explicit merge, so disabling or unl
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from peft_core.errors import PeftError
+
+
+def getattr_through(wrapper: nn.Module, name: str, inner: str) -> Any:
+    """Attribute lookup for wrappers: the wrapper's own attributes, else those of its module ``inner``."""
+    try:
+        return nn.Module.__getattr__(wrapper, name)
+    except AttributeError:
+        if name == inner:
+            raise
+        return getattr(nn.Module.__getattr__(wrapper, inner), name)
 
 
 class Adapter(nn.Module):
@@ -74,14 +84,9 @@ class AdapterLayer(nn.Module):
             out = adapter(x, out)
         return out
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         # Model code reads attributes of the layer it built (``.weight``, ``.in_features``, ...).
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
+        return getattr_through(self, name, "base_layer")
 
     # --- adapter state ------------------------------------------------------------------------
 

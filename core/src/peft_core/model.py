@@ -17,7 +17,7 @@ from torch import nn
 
 from peft_core.config import PeftConfig, config_from_dict
 from peft_core.errors import PeftError, PluginError
-from peft_core.layer import AdapterLayer
+from peft_core.layer import AdapterLayer, getattr_through
 from peft_core.modules_to_save import ModulesToSave
 from peft_core.plugins import Method, registry
 from peft_core.serialization import copy_into, read_config_dict, read_weights, save_adapter
@@ -35,12 +35,7 @@ class AdaptedModel(nn.Module):
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+        return getattr_through(self, name, "model")
 
 
 class PeftModel(nn.Module):
@@ -70,12 +65,7 @@ class PeftModel(nn.Module):
             model.enable_input_require_grads()
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model.model, name)
+        return getattr_through(self, name, "base_model")  # and on through AdaptedModel to the model
 
     # --- the wrapped model -------------------------------------------------------------------
 

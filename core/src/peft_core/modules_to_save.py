@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 from torch import nn
+
+from peft_core.layer import getattr_through
 
 
 class ModulesToSave(nn.Module):
@@ -43,10 +46,5 @@ class ModulesToSave(nn.Module):
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("original_module", "modules_to_save"):
-                raise
-            return getattr(self.original_module, name)
+    def __getattr__(self, name: str) -> Any:
+        return getattr_through(self, name, "original_module")
