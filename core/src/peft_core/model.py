@@ -52,13 +52,12 @@ class PeftModel(nn.Module):
         super().__init__()
         self.base_model = AdaptedModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
-        self.active_adapters: list[str] = []
+        self.active_adapters: list[str] = [adapter_name]  # active from the start: add_adapter applies it
         self._methods: dict[str, Method] = {}
         self._merged: list[str] = []
         self._disabled = False
         model.requires_grad_(False)  # only what adapters add (and what they save) trains
         self.add_adapter(adapter_name, peft_config)
-        self.set_adapter(adapter_name)
         if _is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
             # With the base frozen, checkpointed blocks would see inputs that need no grad and skip
             # the adapters' backward.

@@ -16,14 +16,18 @@ if TYPE_CHECKING:
 
 
 def init_lora_pair(lora_a: torch.Tensor, lora_b: torch.Tensor, init: bool | str) -> None:
-    """Initialise a freshly built pair; with ``True`` or ``"gaussian"`` B is zero, so the update is."""
-    if init is False:
-        return  # both keep PyTorch's default (random) initialisation
+    """Initialise a freshly allocated pair; with ``True`` or ``"gaussian"`` B is zero, so the update is.
+
+    ``False`` draws both like PyTorch's default Linear initialisation (Kaiming-uniform).
+    """
     if init == "gaussian":
         nn.init.normal_(lora_a, std=1 / lora_a.shape[0])
     else:
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
-    nn.init.zeros_(lora_b)
+    if init is False:
+        nn.init.kaiming_uniform_(lora_b, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(lora_b)
 
 
 def is_pissa(init: bool | str) -> bool:
