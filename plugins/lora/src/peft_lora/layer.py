@@ -21,9 +21,18 @@ from peft_lora.config import LoraConfig
 from peft_lora.init import init_lora_pair, init_pissa, is_pissa
 
 
-def uninitialised(module_class: type[nn.Module], *args, **kwargs) -> nn.Module:
-    """A module whose parameters are allocated but not initialised: ``init_lora_pair`` sets them once."""
-    return nn.utils.skip_init(module_class, *args, device=torch.get_default_device(), **kwargs)
+class FactorLinear(nn.Linear):
+    """A LoRA factor: an ``nn.Linear`` left uninitialised, since ``init_lora_pair`` sets it once."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class FactorConv2d(nn.Conv2d):
+    """A LoRA factor: an ``nn.Conv2d`` left uninitialised, since ``init_lora_pair`` sets it once."""
+
+    def reset_parameters(self) -> None:
+        pass
 
 
 class LoraAdapter(Adapter):
@@ -87,8 +96,8 @@ class LoraLinear(LoraAdapter):
         super().__init__(base_layer, config, module_name)
         self.transposed = transposed
         out_features, in_features = base_layer.weight.shape[::-1] if transposed else base_layer.weight.shape
-        self.lora_A = uninitialised(nn.Linear, in_features, self.r, bias=False)  # (r, in)
-        self.lora_B = uninitialised(nn.Linear, self.r, out_features, bias=False)  # (out, r)
+        self.lora_A = FactorLinear(in_features, self.r, bias=False)  # (r, in)
+        self.lora_B = FactorLinear(self.r, out_features, bias=False)  # (out, r)
         init_lora_pair(self.lora_A.weight, self.lora_B.weight, config.init_lora_weights)
         if is_pissa(config.init_lora_weights):
             init_pissa(self, config.init_lora_weights)
@@ -138,12 +147,11 @@ class LoraConv2d(LoraAdapter):
         super().__init__(base_layer, config, module_name)
         if base_layer.groups != 1:
             raise ConfigError(f"LoRA supports Conv2d with groups=1 only; '{module_name}' has {base_layer.groups}.")
-        self.lora_A = uninitialised(
-            nn.Conv2d,
+        self.lora_A = FactorConv2d(
             base_layer.in_channels, self.r, base_layer.kernel_size, base_layer.stride, base_layer.padding,
             base_layer.dilation, bias=False,
         )
-        self.lora_B = uninitialised(nn.Conv2d, self.r, base_layer.out_channels, 1, 1, bias=False)
+        self.lora_B = FactorConv2d(self.r, base_layer.out_channels, 1, 1, bias=False)
         init_lora_pair(self.lora_A.weight, self.lora_B.weight, config.init_lora_weights)
         if config.use_dora:
             self._init_dora()
