@@ -76,8 +76,9 @@ class PeftConfig:
         expected = cls.IGNORED_FIELDS.get(key, None)
         return expected is _ANY or value == expected or value in (None, False, "", [], {})
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    def to_json_string(self, **overrides: Any) -> str:
+        """The ``adapter_config.json`` text, with ``overrides`` replacing fields."""
+        return json.dumps({**self.to_dict(), **overrides}, indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         """Write ``adapter_config.json`` into ``save_directory`` (atomically)."""

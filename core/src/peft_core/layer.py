@@ -13,12 +13,53 @@ The base layer is never changed except by an explicit merge, so disabling or unl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from peft_core.errors import PeftError
+from peft_core.walk import qualified_names
+
+WeightReader = Callable[[nn.Module], torch.Tensor]
+WeightWriter = Callable[[nn.Module, torch.Tensor], None]
+
+
+def _read_plain(layer: nn.Module) -> torch.Tensor:
+    return layer.weight.detach()
+
+
+def _write_plain(layer: nn.Module, weight: torch.Tensor) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(weight.to(layer.weight.dtype))  # in place: tied weights stay tied
+
+
+# How to read and write a base layer's weight as a dense tensor in its stored layout, by layer class.
+# Quantization plugins register theirs (dequantize on read, quantize on write).
+_WEIGHT_ACCESS: dict[str, tuple[WeightReader, WeightWriter]] = {}
+
+
+def register_weight_access(qualified_name: str, read: WeightReader, write: WeightWriter) -> None:
+    """Teach the core to read and write the dense weight of a layer class, e.g. a quantized Linear."""
+    _WEIGHT_ACCESS[qualified_name] = (read, write)
+
+
+def _weight_access(layer: nn.Module) -> tuple[WeightReader, WeightWriter]:
+    for name in qualified_names(layer):
+        if name in _WEIGHT_ACCESS:
+            return _WEIGHT_ACCESS[name]
+    return _read_plain, _write_plain
+
+
+def read_weight(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as a dense tensor in its stored layout (dequantized if need be), detached."""
+    return _weight_access(layer)[0](layer)
+
+
+def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Set the layer's weight from a dense tensor in its stored layout (quantizing it if need be)."""
+    _weight_access(layer)[1](layer, weight)
 
 
 def getattr_through(wrapper: nn.Module, name: str, inner: str) -> Any:
@@ -121,7 +162,7 @@ class AdapterLayer(nn.Module):
     # --- merging ------------------------------------------------------------------------------
 
     def _merged_weight(self, name: str) -> torch.Tensor:
-        weight = self.base_layer.weight.detach()
+        weight = read_weight(self.base_layer)
         return self.adapters[name].merged_weight(weight, self._without_merged(weight))
 
     def _without_merged(self, weight: torch.Tensor) -> torch.Tensor:
@@ -144,9 +185,8 @@ class AdapterLayer(nn.Module):
     def merge(self, name: str) -> None:
         if name in self.merged_adapters or name not in self.adapters:
             return
-        weight = self.base_layer.weight
         with torch.no_grad():
-            weight.copy_(self._merged_weight(name).to(weight.dtype))
+            write_weight(self.base_layer, self._merged_weight(name))
         self.merged_adapters.append(name)
         self._refresh()
 
@@ -156,11 +196,12 @@ class AdapterLayer(nn.Module):
         # Merges do not commute for every method (scaling, DoRA): undo the later ones first, then
         # merge them again.
         later = self.merged_adapters[self.merged_adapters.index(name) + 1 :]
-        weight = self.base_layer.weight
         with torch.no_grad():
+            weight = read_weight(self.base_layer)
             for other in [*reversed(later), name]:
-                weight.copy_(self.adapters[other].unmerged_weight(weight.detach()).to(weight.dtype))
+                weight = self.adapters[other].unmerged_weight(weight)
                 self.merged_adapters.remove(other)
+            write_weight(self.base_layer, weight)
         for other in later:
             self.merge(other)
         self._refresh()

@@ -262,10 +262,7 @@ class PeftModel(nn.Module):
         for name in selected_adapters or list(self.peft_config):
             config = self.peft_config[name]
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
-            data = config.to_dict()
-            data["inference_mode"] = True
-            tensors = self._adapter_tensors(name)
-            save_adapter(directory, type(config).from_dict(data).to_json_string(), tensors)
+            save_adapter(directory, config.to_json_string(inference_mode=True), self._adapter_tensors(name))
 
     @classmethod
     def from_pretrained(

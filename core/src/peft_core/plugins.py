@@ -31,13 +31,15 @@ class Method:
     ``peft_type`` is the string written to and read from ``adapter_config.json``; ``package`` and
     ``version`` name the distribution that registered it (filled in by the manager).
     ``transforms_inputs`` marks methods that act on the model's inputs through ``peft_forward``
-    (soft prompts) rather than on its layers.
+    (soft prompts) rather than on its layers. ``loads_adapters=False`` marks a method whose saved
+    adapters are another method's (QLoRA saves plain LoRA adapters): it is never chosen to read a file.
     """
 
     name: str
     peft_type: str
     config_class: type[PeftConfig]
     transforms_inputs: bool = False
+    loads_adapters: bool = True
     package: str | None = None
     version: str | None = None
 
@@ -115,7 +117,8 @@ class PluginRegistry:
         def register_method(method: Method) -> None:
             method = replace(method, package=package or method.package, version=version or method.version)
             for taken in (*self.methods.values(), *found.values()):
-                if method.name == taken.name or method.peft_type == taken.peft_type:
+                same_type = method.peft_type == taken.peft_type and method.loads_adapters and taken.loads_adapters
+                if method.name == taken.name or same_type:
                     raise PluginError(
                         f"Plugin {label} registers method '{method.name}' (peft_type "
                         f"'{method.peft_type}'), but {taken.package or 'user code'} already registered "
@@ -141,7 +144,7 @@ class PluginRegistry:
 
     def method_for_peft_type(self, peft_type: str) -> Method:
         for method in self.methods.values():
-            if method.peft_type == peft_type:
+            if method.peft_type == peft_type and method.loads_adapters:
                 return method
         hint = f" (it failed to load: {'; '.join(self.broken.values())})" if self.broken else ""
         raise PluginError(

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from peft_core.errors import ConfigError
+from peft_core.layer import read_weight, write_weight
 from torch import nn
 
 from peft_lora.config import pissa_iterations
@@ -41,7 +42,7 @@ def init_pissa(adapter: LoraLinear, init: str) -> None:
     ``s * B @ A`` is the rank-``r`` part of ``W`` and the base weight becomes ``W - s * B @ A``: the model
     computes the same function at the start, and training moves the principal part.
     """
-    weight = adapter.base.weight
+    weight = read_weight(adapter.base)
     if weight.is_meta:
         raise ConfigError("init_lora_weights='pissa' needs the base weights; load the model before get_peft_model.")
     dense = adapter._from_layout(weight.detach()).float()  # (out, in)
@@ -58,4 +59,4 @@ def init_pissa(adapter: LoraLinear, init: str) -> None:
     with torch.no_grad():
         adapter.lora_A.weight.copy_(lora_a)
         adapter.lora_B.weight.copy_(lora_b)
-        weight.copy_(adapter._to_layout(dense - scaling * lora_b @ lora_a).to(weight.dtype))
+        write_weight(adapter.base, adapter._to_layout(dense - scaling * lora_b @ lora_a))

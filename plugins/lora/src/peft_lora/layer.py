@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from peft_core.errors import ConfigError
 from peft_core.inject import LayerTable
-from peft_core.layer import Adapter
+from peft_core.layer import Adapter, read_weight
 from torch import nn
 
 from peft_lora.config import LoraConfig
@@ -54,7 +54,7 @@ class LoraAdapter(Adapter):
         raise NotImplementedError
 
     def _init_dora(self) -> None:
-        self.lora_magnitude_vector = nn.Parameter(self._dora_norm(self._from_layout(self.base.weight.detach())))
+        self.lora_magnitude_vector = nn.Parameter(self._dora_norm(self._from_layout(read_weight(self.base))))
 
     def _dora_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """Per-output norm of the adapted weight ``weight + delta``, shaped like the magnitude vector."""
@@ -95,7 +95,10 @@ class LoraLinear(LoraAdapter):
     def __init__(self, base_layer: nn.Module, config: LoraConfig, module_name: str, transposed: bool) -> None:
         super().__init__(base_layer, config, module_name)
         self.transposed = transposed
-        out_features, in_features = base_layer.weight.shape[::-1] if transposed else base_layer.weight.shape
+        if transposed:  # Conv1D stores (in, out)
+            in_features, out_features = base_layer.weight.shape
+        else:  # from the layer, not the weight: a quantized weight is stored packed
+            in_features, out_features = base_layer.in_features, base_layer.out_features
         self.lora_A = FactorLinear(in_features, self.r, bias=False)  # (r, in)
         self.lora_B = FactorLinear(self.r, out_features, bias=False)  # (out, r)
         init_lora_pair(self.lora_A.weight, self.lora_B.weight, config.init_lora_weights)
@@ -120,7 +123,7 @@ class LoraLinear(LoraAdapter):
         return flat.view(out.shape)
 
     def _dora_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        weight = self._from_layout(self.base.weight).to(x.dtype)
+        weight = self._from_layout(read_weight(self.base)).to(x.dtype)
         scale = self._magnitude_scale(weight + self.delta_weight()).view(-1)  # (out,)
         lora = F.linear(F.linear(x, self.lora_A.weight), self.lora_B.weight) * self.scaling
         if isinstance(self.dropout, nn.Identity) or not self.training:
@@ -164,7 +167,7 @@ class LoraConv2d(LoraAdapter):
         lora = self.lora_B(self.lora_A(x)) * self.scaling
         if self.lora_magnitude_vector is None:
             return out + lora.to(out.dtype)
-        weight = self.base.weight.to(x.dtype)
+        weight = read_weight(self.base).to(x.dtype)
         scale = self._magnitude_scale(weight + self.delta_weight()).view(1, -1, 1, 1)
         if isinstance(self.dropout, nn.Identity) or not self.training:
             bias = self.base.bias
