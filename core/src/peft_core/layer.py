@@ -13,53 +13,13 @@ The base layer is never changed except by an explicit merge, so disabling or unl
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from peft_core.errors import PeftError
-from peft_core.walk import qualified_names
-
-WeightReader = Callable[[nn.Module], torch.Tensor]
-WeightWriter = Callable[[nn.Module, torch.Tensor], None]
-
-
-def _read_plain(layer: nn.Module) -> torch.Tensor:
-    return layer.weight.detach()
-
-
-def _write_plain(layer: nn.Module, weight: torch.Tensor) -> None:
-    with torch.no_grad():
-        layer.weight.copy_(weight.to(layer.weight.dtype))  # in place: tied weights stay tied
-
-
-# How to read and write a base layer's weight as a dense tensor in its stored layout, by layer class.
-# Quantization plugins register theirs (dequantize on read, quantize on write).
-_WEIGHT_ACCESS: dict[str, tuple[WeightReader, WeightWriter]] = {}
-
-
-def register_weight_access(qualified_name: str, read: WeightReader, write: WeightWriter) -> None:
-    """Teach the core to read and write the dense weight of a layer class, e.g. a quantized Linear."""
-    _WEIGHT_ACCESS[qualified_name] = (read, write)
-
-
-def _weight_access(layer: nn.Module) -> tuple[WeightReader, WeightWriter]:
-    for name in qualified_names(layer):
-        if name in _WEIGHT_ACCESS:
-            return _WEIGHT_ACCESS[name]
-    return _read_plain, _write_plain
-
-
-def read_weight(layer: nn.Module) -> torch.Tensor:
-    """The layer's weight as a dense tensor in its stored layout (dequantized if need be), detached."""
-    return _weight_access(layer)[0](layer)
-
-
-def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
-    """Set the layer's weight from a dense tensor in its stored layout (quantizing it if need be)."""
-    _weight_access(layer)[1](layer, weight)
+from peft_core.weights import read_weight, write_weight, writes_exactly
 
 
 def getattr_through(wrapper: nn.Module, name: str, inner: str) -> Any:
@@ -94,6 +54,10 @@ class Adapter(nn.Module):
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         raise PeftError(f"{type(self).__name__} cannot be unmerged from its base layer.")
 
+    def bind(self, base_layer: nn.Module) -> None:
+        """Remember the base layer this adapter modifies (not as a submodule: the wrapper owns it)."""
+        object.__setattr__(self, "base", base_layer)
+
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         """The adapter's tensors under their saved key suffixes (live tensors, not copies)."""
         return {self.SAVED_NAMES.get(k, k): v for k, v in self.state_dict(keep_vars=True).items()}
@@ -109,6 +73,9 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # A quantized base's weight before its first merge: unmerging everything restores it exactly
+        # instead of re-quantizing the arithmetic.
+        self._weight_before_merge: nn.Parameter | None = None
         # What forward applies, derived from the fields above by _refresh: plain tuples, so the hot
         # path does no lookups by name.
         self._input_adapters: tuple[Adapter, ...] = ()
@@ -129,11 +96,18 @@ class AdapterLayer(nn.Module):
         # Model code reads attributes of the layer it built (``.weight``, ``.in_features``, ...).
         return getattr_through(self, name, "base_layer")
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if name == "base_layer" and "adapters" in self._modules:  # e.g. a dequantized replacement
+            for adapter in self.adapters.values():
+                adapter.bind(value)
+
     # --- adapter state ------------------------------------------------------------------------
 
     def add(self, name: str, adapter: Adapter) -> None:
         if name in self.adapters:
             raise PeftError(f"This layer already has an adapter named {name!r}; delete it first.")
+        adapter.bind(self.base_layer)
         self.adapters[name] = adapter
         self._refresh()
 
@@ -185,6 +159,8 @@ class AdapterLayer(nn.Module):
     def merge(self, name: str) -> None:
         if name in self.merged_adapters or name not in self.adapters:
             return
+        if not self.merged_adapters and not writes_exactly(self.base_layer):
+            self._weight_before_merge = self.base_layer.weight
         with torch.no_grad():
             write_weight(self.base_layer, self._merged_weight(name))
         self.merged_adapters.append(name)
@@ -201,7 +177,10 @@ class AdapterLayer(nn.Module):
             for other in [*reversed(later), name]:
                 weight = self.adapters[other].unmerged_weight(weight)
                 self.merged_adapters.remove(other)
-            write_weight(self.base_layer, weight)
+            if not self.merged_adapters and self._weight_before_merge is not None:
+                self.base_layer.weight, self._weight_before_merge = self._weight_before_merge, None
+            else:
+                write_weight(self.base_layer, weight)
         for other in later:
             self.merge(other)
         self._refresh()

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from peft_core.errors import ConfigError
-from peft_core.layer import read_weight, write_weight
+from peft_core.weights import read_weight, write_weight
 from torch import nn
 
 from peft_lora.config import pissa_iterations

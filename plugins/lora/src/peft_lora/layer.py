@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from peft_core.errors import ConfigError
 from peft_core.inject import LayerTable
-from peft_core.layer import Adapter, read_weight
+from peft_core.layer import Adapter
+from peft_core.weights import read_weight
 from torch import nn
 
 from peft_lora.config import LoraConfig
@@ -45,8 +46,7 @@ class LoraAdapter(Adapter):
         self.scaling = alpha / (math.sqrt(self.r) if config.use_rslora else self.r)
         self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.lora_magnitude_vector: nn.Parameter | None = None
-        # Not a submodule: the wrapper owns the base layer, DoRA and PiSSA only read its weight.
-        object.__setattr__(self, "base", base_layer)
+        self.bind(base_layer)  # DoRA and PiSSA read its weight
         self._merge_scale: torch.Tensor | None = None  # the scale DoRA's merge applied, to undo it
 
     def delta_weight(self) -> torch.Tensor:

@@ -1,0 +1,139 @@
+"""Quantized base layers: bitsandbytes' ``Linear4bit`` / ``Linear8bitLt`` in place of ``nn.Linear``.
+
+``read_quantized`` / ``write_quantized`` dequantize and re-quantize their weights; the plugin registers
+them with the core when it is discovered, so merging, DoRA and PiSSA work on these layers unchanged,
+however the model was quantized.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from peft_core.errors import ConfigError, PluginError
+from peft_core.walk import iter_modules, matches, output_head, replace_module
+from torch import nn
+
+if TYPE_CHECKING:
+    from peft_qlora.config import QLoraConfig
+
+MIN_BITSANDBYTES = "0.45.0"
+
+
+def import_bitsandbytes() -> Any:
+    """bitsandbytes, or a :class:`PluginError` that says what to install."""
+    from packaging.version import Version
+
+    try:
+        import bitsandbytes
+    except ImportError as exc:
+        raise PluginError(
+            f"QLoRA quantizes with bitsandbytes, which is not installed: pip install 'bitsandbytes>={MIN_BITSANDBYTES}'"
+        ) from exc
+    if Version(bitsandbytes.__version__) < Version(MIN_BITSANDBYTES):
+        raise PluginError(
+            f"QLoRA needs bitsandbytes >= {MIN_BITSANDBYTES}, found {bitsandbytes.__version__}: "
+            f"pip install --upgrade 'bitsandbytes>={MIN_BITSANDBYTES}'"
+        )
+    return bitsandbytes
+
+
+def _is_quantized(module: nn.Module, bnb: Any) -> bool:
+    return isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
+
+
+def quantize_model(model: nn.Module, config: QLoraConfig) -> nn.Module:
+    """Replace the model's ``nn.Linear`` layers by quantized ones, in place; return the model.
+
+    The output head and ``config.skip_modules`` stay in full precision. A model that is already
+    quantized (by this function or by transformers' ``BitsAndBytesConfig``) is left as it is, after
+    checking it has the number of bits the config asks for.
+    """
+    bnb = import_bitsandbytes()
+    already = {4 if isinstance(m, bnb.nn.Linear4bit) else 8 for m in model.modules() if _is_quantized(m, bnb)}
+    if already:
+        if already != {config.bits}:
+            raise ConfigError(
+                f"The model is already quantized to {sorted(already)} bits but the config asks for "
+                f"{config.bits}. Set QLoraConfig(bits={min(already)}) or start from an unquantized model."
+            )
+        return model
+    head = output_head(model)
+    dtype = getattr(torch, config.compute_dtype) if config.compute_dtype else None
+    for name, module in list(iter_modules(model)):
+        if type(module) is not nn.Linear or module is head:
+            continue
+        if config.skip_modules and matches(name, config.skip_modules):
+            continue
+        if module.weight.is_meta:
+            raise ConfigError(f"'{name}' has no weights (it is on the meta device); load the model before quantizing.")
+        replace_module(model, name, quantize_linear(module, config, dtype or module.weight.dtype, bnb))
+    return model
+
+
+def quantize_linear(linear: nn.Linear, config: QLoraConfig, compute_dtype: torch.dtype, bnb: Any) -> nn.Module:
+    device = linear.weight.device
+    if config.bits == 4:
+        layer = bnb.nn.Linear4bit(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=compute_dtype,
+            compress_statistics=config.double_quant, quant_type=config.quant_type, device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            linear.weight.data, requires_grad=False, compress_statistics=config.double_quant,
+            quant_type=config.quant_type, module=layer,
+        )
+    else:
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False,
+            device="meta",
+        )
+        layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return layer.to(device)  # bitsandbytes quantizes a weight when it is first moved to a device
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every quantized Linear (inside adapter wrappers too) by an ``nn.Linear``; return the model.
+
+    Dequantize before ``merge_and_unload()`` to get a full-precision merged model; merging on the
+    quantized base re-quantizes the merged weights instead.
+    """
+    bnb = import_bitsandbytes()
+    for name, module in list(model.named_modules()):
+        if not _is_quantized(module, bnb):
+            continue
+        weight = read_quantized(module)
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        linear.requires_grad_(False)
+        replace_module(model, name, linear)
+    return model
+
+
+def read_quantized(layer: nn.Module) -> torch.Tensor:
+    bnb = import_bitsandbytes()
+    weight = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    # 8-bit: int8 rows with one absmax scale each; after the first forward the scales live in layer.state
+    scales = weight.SCB if weight.SCB is not None else layer.state.SCB
+    return bnb.functional.int8_vectorwise_dequant(weight.data, scales)
+
+
+def write_quantized(layer: nn.Module, dense: torch.Tensor) -> None:
+    bnb = import_bitsandbytes()
+    old = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        new = bnb.nn.Params4bit(
+            dense.to(old.quant_state.dtype), requires_grad=False, blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics, quant_type=old.quant_type,
+            quant_storage=old.quant_storage, module=layer,
+        )
+    else:
+        new = bnb.nn.Int8Params(dense.to(torch.float16), requires_grad=False, has_fp16_weights=False)
+    layer.weight = new.to(old.device)
