@@ -64,10 +64,12 @@ def inject_adapters(model: nn.Module, config: LayerConfig, adapter_name: str, ta
         with torch.device(device):  # on 'meta' this allocates and initialises nothing
             adapter = factory(base, config, adapter_name, name)
         adapter.to(dtype=dtype)
+        adapter.train(base.training)  # new modules start in training mode; follow the model's
         if isinstance(module, AdapterLayer):
             module.add(adapter_name, adapter)
         else:
             wrapper = AdapterLayer(base)
+            wrapper.train(base.training)
             wrapper.add(adapter_name, adapter)
             replace_module(model, name, wrapper)
     wrap_modules_to_save(model, config.modules_to_save, adapter_name)

@@ -278,6 +278,8 @@ class PeftModel(nn.Module):
         config.inference_mode = not is_trainable
         target_cls = TASK_MODELS.get(config.task_type, cls) if cls is PeftModel else cls
         peft_model = target_cls(model, config, adapter_name)
+        if not is_trainable:
+            peft_model.eval()
         try:
             peft_model._load_weights(adapter_name, model_id, hub_kwargs)
         except Exception:

@@ -7,6 +7,7 @@ however the model was quantized.
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -90,6 +91,7 @@ def quantize_linear(linear: nn.Linear, config: QLoraConfig, compute_dtype: torch
         layer.weight = bnb.nn.Int8Params(linear.weight.data, requires_grad=False, has_fp16_weights=False)
     if linear.bias is not None:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    layer.train(linear.training)
     return layer.to(device)  # bitsandbytes quantizes a weight when it is first moved to a device
 
 
@@ -111,6 +113,7 @@ def dequantize_model(model: nn.Module) -> nn.Module:
             if module.bias is not None:
                 linear.bias.copy_(module.bias)
         linear.requires_grad_(False)
+        linear.train(module.training)
         replace_module(model, name, linear)
     return model
 
@@ -119,7 +122,12 @@ def read_quantized(layer: nn.Module) -> torch.Tensor:
     bnb = import_bitsandbytes()
     weight = layer.weight
     if isinstance(layer, bnb.nn.Linear4bit):
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks 4-bit weights for its CPU kernel on the first inference call (and
+            # records bfloat16); unpack a copy, as its own state_dict does, leaving the layer as it is.
+            data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
+        return bnb.functional.dequantize_4bit(data, state)
     # 8-bit: int8 rows with one absmax scale each; after the first forward the scales live in layer.state
     scales = weight.SCB if weight.SCB is not None else layer.state.SCB
     return bnb.functional.int8_vectorwise_dequant(weight.data, scales)
