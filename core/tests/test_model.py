@@ -36,6 +36,7 @@ def test_adapter_forward_equals_the_hand_computed_model(llama, input_ids):
 
 def test_only_adapter_parameters_train(llama):
     model = get_peft_model(llama, ScaleConfig(target_modules=["o_proj"]))
+    assert not any(m.training for m in model.modules())  # new modules follow the eval-mode model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"base_model.model.model.layers.{i}.self_attn.o_proj.adapters.default.scale" for i in (0, 1)}
     assert model.get_nb_trainable_parameters() == (128, sum(p.numel() for p in model.parameters()))

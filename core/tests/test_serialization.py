@@ -42,6 +42,7 @@ def test_round_trip_gives_the_same_outputs(llama, llama_dir, tmp_path, input_ids
     loaded = PeftModel.from_pretrained(tiny_model("llama", llama_dir), tmp_path)
     torch.testing.assert_close(logits(loaded, input_ids), expected)
     assert not any(p.requires_grad for p in loaded.parameters())  # is_trainable=False: inference
+    assert not any(m.training for m in loaded.modules())
     trainable = PeftModel.from_pretrained(tiny_model("llama", llama_dir), tmp_path, is_trainable=True)
     assert any(p.requires_grad for p in trainable.parameters())
 

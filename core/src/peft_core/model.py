@@ -57,6 +57,8 @@ class PeftModel(nn.Module):
         self._merged: list[str] = []
         self._disabled = False
         model.requires_grad_(False)  # only what adapters add (and what they save) trains
+        # The wrappers take the model's mode without changing any of its modules' (train() would).
+        self.training = self.base_model.training = model.training
         self.add_adapter(adapter_name, peft_config)
         if _is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
             # With the base frozen, checkpointed blocks would see inputs that need no grad and skip
