@@ -61,16 +61,18 @@ def train(model, input_ids, steps=6, lr=1e-2):
     return losses
 
 
-@pytest.mark.parametrize(("bits", "max_ratio"), [(4, 0.3), (8, 0.55)])
-def test_get_peft_model_quantizes_every_linear_but_the_head(tmp_path, bits, max_ratio):
+@pytest.mark.parametrize(("quantized_by", "bits", "max_ratio"), [
+    ("peft_qlora", 4, 0.3), ("peft_qlora", 8, 0.55), ("transformers", 4, 0.3),
+])
+def test_quantized_linear_weights_take_at_most_a_fraction_of_float16(tmp_path, quantized_by, bits, max_ratio):
     # Layers of a realistic width: bitsandbytes keeps ~1 KiB of lookup tables per 4-bit layer, which
     # would dominate the 64-wide layers of the other tests.
     from transformers import LlamaConfig, LlamaForCausalLM
 
     LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                                  vocab_size=128)).save_pretrained(tmp_path)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path),
-                           QLoraConfig(bits=bits, r=4, target_modules=["q_proj", "v_proj"]))
+    base = bnb_4bit(tmp_path) if quantized_by == "transformers" else AutoModelForCausalLM.from_pretrained(tmp_path)
+    model = get_peft_model(base, QLoraConfig(bits=bits, r=4, target_modules=["q_proj", "v_proj"]))
     layers = quantized_layers(model)
     assert len(layers) == 2 * 7 and not any("lm_head" in name for name in layers)
     assert type(model.base_model.model.lm_head) is torch.nn.Linear
@@ -95,16 +97,42 @@ def test_a_model_transformers_quantized_is_not_quantized_again(llama_dir):
         get_peft_model(bnb_4bit(llama_dir), QLoraConfig(bits=8, target_modules=["q_proj"]))
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_training_lowers_the_loss_and_leaves_quantized_weights_alone(llama, input_ids, bits):
+@pytest.mark.parametrize("quantized_by", ["peft_qlora-4bit", "peft_qlora-8bit", "transformers-4bit"])
+def test_training_lowers_the_loss_and_leaves_quantized_weights_alone(llama_dir, input_ids, quantized_by):
     torch.manual_seed(0)
-    model = get_peft_model(llama, QLoraConfig(bits=bits, r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS))
-    before = {name: m.weight.data.clone() for name, m in quantized_layers(model).items()}
+    base = bnb_4bit(llama_dir) if quantized_by == "transformers-4bit" else tiny_model("llama", llama_dir)
+    bits = 8 if quantized_by.endswith("8bit") else 4
+    model = get_peft_model(base, QLoraConfig(bits=bits, r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS))
+    before = {name: read_weight(m) for name, m in quantized_layers(model).items()}
+    assert len(before) == 2 * 7
     losses = train(model, input_ids)
     assert losses[-1] < losses[0] - 0.1
     for name, layer in quantized_layers(model).items():
-        assert torch.equal(layer.weight.data, before[name]), name
+        assert torch.equal(read_weight(layer), before[name]), name
     assert all(".adapters.default.lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_quantization_is_a_hook_so_other_methods_compose_on_the_quantized_base(llama, input_ids):
+    """A method the QLoRA plugin knows nothing about (the core tests' 'scale') on the same 4-bit layers."""
+    import scale_method
+    from peft_core.plugins import registry
+    from scale_method import ScaleConfig
+
+    if "scale" not in registry().methods:
+        registry().register(scale_method, name="scale-method-for-tests")
+    model = get_peft_model(llama, QLoraConfig(r=4, target_modules=["q_proj", "o_proj"], init_lora_weights=False))
+    lora_only = logits(model, input_ids)
+    model.add_adapter("scale", ScaleConfig(target_modules=["o_proj"], init_value=1.5))
+    model.set_adapter(["default", "scale"])
+    both = logits(model, input_ids)
+    assert (both - lora_only).abs().max() > 1e-3
+    layer = model.base_model.model.model.layers[0].self_attn.o_proj
+    assert isinstance(layer.base_layer, bnb.nn.Linear4bit) and set(layer.adapters) == {"default", "scale"}
+    x = torch.randn(3, 64)
+    with torch.no_grad():  # LoRA adds, then the scale multiplies: the wrapper's documented order
+        base = layer.base_layer(x)
+        expected = layer.adapters["scale"](x, layer.adapters["default"](x, base))
+        torch.testing.assert_close(layer(x), expected)
 
 
 def test_merging_on_a_4bit_base(llama, llama_dir, input_ids):
