@@ -235,10 +235,20 @@ def build_models(vocab: int, seed: int):
     ours = get_peft_model(fresh(), ours_config())
     theirs = hf_get_peft_model(fresh(), theirs_config())
 
-    # B starts at zero in both libraries: give HF PEFT's B random values, so the adapters change the
-    # output, and copy HF PEFT's A and B into ours, so both hold the same weights.
+    share_lora_weights(ours, theirs, config.num_hidden_layers, seed)
+    return config, base, ours, theirs
+
+
+def share_lora_weights(ours, theirs, layers: int, seed: int) -> None:
+    """Give both models the same non-zero LoRA weights.
+
+    B starts at zero in both libraries: give HF PEFT's B random values, so the adapters change the
+    output, and copy HF PEFT's A and B into ours, so both hold the same weights.
+    """
+    import torch
+
     ours_p, theirs_p = lora_params(ours), lora_params(theirs)
-    if sorted(ours_p) != sorted(theirs_p) or len(ours_p) != 2 * len(TARGETS) * config.num_hidden_layers:
+    if sorted(ours_p) != sorted(theirs_p) or len(ours_p) != 2 * len(TARGETS) * layers:
         raise SystemExit(f"LoRA parameters differ between the libraries: {len(ours_p)} vs {len(theirs_p)}.")
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -246,7 +256,6 @@ def build_models(vocab: int, seed: int):
             if ".lora_B." in key:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
             ours_p[key].copy_(param)
-    return config, base, ours, theirs
 
 
 def inputs(vocab: int, seed: int):
