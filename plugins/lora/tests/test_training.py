@@ -24,9 +24,9 @@ def base_weights(model):
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_training_lowers_the_loss_and_changes_only_adapters(kind, model_dirs, input_ids):
+def test_training_lowers_the_loss_and_changes_only_adapters(kind, tiny_model_dir, input_ids):
     torch.manual_seed(0)
-    model = tiny_model(kind, model_dirs[kind])
+    model = tiny_model(kind, tiny_model_dir(kind))
     before = base_weights(model)
     targets = "all-linear" if kind == "llama" else ["c_attn", "c_proj", "c_fc"]
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets, task_type="CAUSAL_LM"))
@@ -53,8 +53,8 @@ def test_training_lowers_the_loss_and_changes_only_adapters(kind, model_dirs, in
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
-def test_merge_and_unload_and_unload(kind, model_dirs, input_ids):
-    model = tiny_model(kind, model_dirs[kind])
+def test_merge_and_unload_and_unload(kind, tiny_model_dir, input_ids):
+    model = tiny_model(kind, tiny_model_dir(kind))
     base = logits(model, input_ids)
     targets = ["q_proj", "v_proj", "down_proj"] if kind == "llama" else ["c_attn", "c_fc"]
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
@@ -66,7 +66,7 @@ def test_merge_and_unload_and_unload(kind, model_dirs, input_ids):
     assert not any(isinstance(m, AdapterLayer) for m in merged.modules())
     torch.testing.assert_close(logits(merged, input_ids), adapted, atol=1e-5, rtol=1e-5)
 
-    fresh = tiny_model(kind, model_dirs[kind])
+    fresh = tiny_model(kind, tiny_model_dir(kind))
     unloaded = get_peft_model(fresh, LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).unload()
     assert not any(isinstance(m, AdapterLayer) for m in unloaded.modules())
     torch.testing.assert_close(logits(unloaded, input_ids), base)
@@ -86,7 +86,7 @@ def test_bias_options_decide_which_biases_train_and_are_saved(gpt2, tmp_path, bi
     assert {k for k in saved if k.endswith("bias")} == expected
 
 
-def test_bias_all_trains_and_saves_every_bias(gpt2, model_dirs, tmp_path, input_ids):
+def test_bias_all_trains_and_saves_every_bias(gpt2, tiny_model_dir, tmp_path, input_ids):
     model = get_peft_model(gpt2, LoraConfig(r=2, target_modules=["c_attn"], bias="all"))
     biases = {n for n, p in model.named_parameters() if n.endswith("bias")}
     assert {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")} == biases
@@ -94,7 +94,7 @@ def test_bias_all_trains_and_saves_every_bias(gpt2, model_dirs, tmp_path, input_
         model.base_model.model.transformer.h[1].mlp.c_fc.bias.add_(0.5)
     expected = logits(model, input_ids)
     model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(tiny_model("gpt2", model_dirs["gpt2"]), tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model("gpt2", tiny_model_dir("gpt2")), tmp_path)
     torch.testing.assert_close(logits(loaded, input_ids), expected)
 
 

@@ -1,0 +1,2 @@
+# Fixtures shared by the tests of every package (tiny saved models, inputs).
+pytest_plugins = ["peft_core.testing.fixtures"]
