@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from peft_core.errors import ConfigError
@@ -150,8 +150,3 @@ class LayerConfig(PeftConfig):
             )
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
-
-
-def field_list(*values: Any) -> Any:
-    """A dataclass field defaulting to a fresh list of ``values``."""
-    return field(default_factory=lambda: list(values))
