@@ -108,8 +108,8 @@ def test_shape_mismatch_names_the_key_and_both_shapes(llama, tmp_path):
 
 
 def test_adapter_of_a_method_not_installed_names_the_package(llama, tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "target_modules": ["k_proj"]}))
-    with pytest.raises(PluginError, match="pip install peft-ia3"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA", "target_modules": ["k_proj"]}))
+    with pytest.raises(PluginError, match="pip install peft-loha"):
         PeftModel.from_pretrained(llama, tmp_path)
 
 

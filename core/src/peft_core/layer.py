@@ -54,6 +54,13 @@ class Adapter(nn.Module):
     def unmerged_weight(self, weight: torch.Tensor) -> torch.Tensor:
         raise PeftError(f"{type(self).__name__} cannot be unmerged from its base layer.")
 
+    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """The base bias after merging; most methods leave it alone, output scaling scales it."""
+        return bias
+
+    def unmerged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias
+
     def bind(self, base_layer: nn.Module) -> None:
         """Remember the base layer this adapter modifies (not as a submodule: the wrapper owns it)."""
         object.__setattr__(self, "base", base_layer)
@@ -163,8 +170,14 @@ class AdapterLayer(nn.Module):
             self._weight_before_merge = self.base_layer.weight
         with torch.no_grad():
             write_weight(self.base_layer, self._merged_weight(name))
+            self._map_bias(self.adapters[name].merged_bias)
         self.merged_adapters.append(name)
         self._refresh()
+
+    def _map_bias(self, change) -> None:
+        bias = getattr(self.base_layer, "bias", None)
+        if bias is not None:
+            bias.copy_(change(bias.detach()).to(bias.dtype))
 
     def unmerge(self, name: str) -> None:
         if name not in self.merged_adapters:
@@ -176,6 +189,7 @@ class AdapterLayer(nn.Module):
             weight = read_weight(self.base_layer)
             for other in [*reversed(later), name]:
                 weight = self.adapters[other].unmerged_weight(weight)
+                self._map_bias(self.adapters[other].unmerged_bias)
                 self.merged_adapters.remove(other)
             if not self.merged_adapters and self._weight_before_merge is not None:
                 self.base_layer.weight, self._weight_before_merge = self._weight_before_merge, None

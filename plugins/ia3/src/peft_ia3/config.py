@@ -1,0 +1,59 @@
+"""``IA3Config``: the fields and meanings Hugging Face PEFT users know."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from peft_core.config import LayerConfig
+from peft_core.errors import ConfigError
+
+
+@dataclass
+class IA3Config(LayerConfig):
+    """(IA)^3: each target layer learns a vector ``l`` that scales its output, ``l * (W x + b)``; for the
+    layers named in ``feedforward_modules`` it scales the input instead, ``W (l * x) + b``.
+
+    ``feedforward_modules`` takes the forms of ``target_modules`` (list of suffixes or a regex) and must
+    name a subset of the targets. ``init_ia3_weights=True`` starts every ``l`` at one, so the model starts
+    unchanged; ``False`` draws them at random.
+    """
+
+    PEFT_TYPE: ClassVar[str] = "IA3"
+    # Default (targets, feed-forward targets) by transformers model type, used when both are None.
+    DEFAULTS: ClassVar[dict[str, tuple[list[str], list[str]]]] = {
+        "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+        "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+        "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+        "gemma": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+        "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+        "bert": (["key", "value", "output.dense"], ["output.dense"]),
+        "roberta": (["key", "value", "output.dense"], ["output.dense"]),
+        "t5": (["k", "v", "wo"], ["wo"]),
+        "opt": (["k_proj", "v_proj", "fc2"], ["fc2"]),
+    }
+    DEFAULT_TARGET_MODULES: ClassVar[dict[str, list[str]]] = {k: v[0] for k, v in DEFAULTS.items()}
+
+    feedforward_modules: list[str] | str | None = None
+    init_ia3_weights: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.feedforward_modules, (set, tuple)):
+            self.feedforward_modules = sorted(self.feedforward_modules)
+        targets, feedforward = self.target_modules, self.feedforward_modules
+        if isinstance(targets, list) and isinstance(feedforward, list):
+            outside = [m for m in feedforward if m not in targets]
+            if outside:
+                raise ConfigError(
+                    f"feedforward_modules must be a subset of target_modules; {outside} are not targets. "
+                    f"Add them to target_modules or remove them from feedforward_modules."
+                )
+
+    def feedforward_for(self, model_type: str | None) -> list[str] | str:
+        """The feed-forward modules, defaulting with the targets when neither was given."""
+        if self.feedforward_modules is not None:
+            return self.feedforward_modules
+        if self.target_modules is None and model_type in self.DEFAULTS:
+            return self.DEFAULTS[model_type][1]
+        return []

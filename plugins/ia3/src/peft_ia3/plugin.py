@@ -1,0 +1,33 @@
+"""The IA3 plugin's hook implementations (the entry point ``peft_core: ia3``)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from peft_core import Method, hookimpl
+
+from peft_ia3.config import IA3Config
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@hookimpl
+def peft_register_methods(register) -> None:
+    register(Method(name="ia3", peft_type="IA3", config_class=IA3Config))
+
+
+@hookimpl
+def peft_inject(model: nn.Module, config: object, adapter_name: str) -> list[str] | None:
+    if not isinstance(config, IA3Config):
+        return None
+    from peft_core.inject import inject_adapters
+    from peft_core.walk import resolve_target_modules
+
+    from peft_ia3.layer import IA3_LAYERS
+
+    # Record the defaults in the config, so the saved adapter says which layers scale their input.
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    config.feedforward_modules = config.feedforward_for(model_type)
+    config.target_modules = resolve_target_modules(model, config)
+    return inject_adapters(model, config, adapter_name, IA3_LAYERS)
