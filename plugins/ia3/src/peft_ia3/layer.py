@@ -27,14 +27,14 @@ class IA3Adapter(Adapter):
         else:
             nn.init.normal_(self.ia3_l)
 
+    # ``ia3_l`` as it broadcasts over the layer's input or output: channels last for Linear layers.
+    BROADCAST_SHAPE: tuple[int, ...] = (-1,)
+
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         # input adapters: x -> l * x;  output adapters: (x, out) -> l * out
         target = x if out is None else out
-        return target * self.scale_for(target).to(target.dtype)
-
-    def scale_for(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``ia3_l`` shaped to broadcast over ``tensor`` (channels last for Linear, dim 1 for Conv2d)."""
-        return self.ia3_l.view(-1)
+        scale = self.ia3_l.view(self.BROADCAST_SHAPE)
+        return target * (scale if scale.dtype == target.dtype else scale.to(target.dtype))
 
     def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
         return bias if self.acts_on == "input" else bias * self.ia3_l.view(-1).to(bias.dtype)
@@ -73,8 +73,7 @@ class IA3Conv2d(IA3Adapter):
         channels = base_layer.in_channels if feedforward else base_layer.out_channels
         super().__init__((1, channels, 1, 1), config, feedforward)
 
-    def scale_for(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self.ia3_l  # (1, C, 1, 1) over (B, C, H, W)
+    BROADCAST_SHAPE = (1, -1, 1, 1)  # over (B, C, H, W)
 
     def _scaled(self, weight: torch.Tensor, invert: bool) -> torch.Tensor:
         # weight (out, in, kh, kw): output scales index dim 0, input scales dim 1
