@@ -47,6 +47,26 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     return tensors
 
 
+def trained_bias_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict[str, torch.Tensor]:
+    """Saved key -> base bias for the ``bias`` option of LoRA-like methods (``"all"``, ``"lora_only"``).
+
+    ``"lora_only"``: the biases of the layers this adapter wraps; ``"all"``: every bias but other
+    adapters' ``modules_to_save`` copies, under its parameter name without the adapter name.
+    """
+    tensors = {}
+    if bias == "lora_only":
+        for name, layer in adapter_layers(model, adapter_name):
+            if getattr(layer.base_layer, "bias", None) is not None:
+                tensors[f"{SAVED_PREFIX}{name}.base_layer.bias"] = layer.base_layer.bias
+    elif bias == "all":
+        own_copy = f".modules_to_save.{adapter_name}."
+        for name, param in model.named_parameters():
+            other_copy = ".modules_to_save." in name and own_copy not in name
+            if name.endswith("bias") and ".adapters." not in name and not other_copy:
+                tensors[SAVED_PREFIX + name.replace(own_copy, ".modules_to_save.")] = param
+    return tensors
+
+
 @hookimpl(trylast=True)
 def peft_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     return adapter_state_dict(model, adapter_name)

@@ -108,12 +108,17 @@ def peft_unmerge(model: nn.Module, config: PeftConfig, adapter_name: str) -> boo
 
 
 @hookspec(firstresult=True)
-def peft_state_dict(model: nn.Module, config: PeftConfig, adapter_name: str) -> dict[str, torch.Tensor] | None:
+def peft_state_dict(
+    model: nn.Module, config: PeftConfig, adapter_name: str, for_saving: bool
+) -> dict[str, torch.Tensor] | None:
     """Map the adapter's saved keys to its live tensors.
 
-    Called by ``save_pretrained`` (the tensors are written under these keys) and by
-    ``from_pretrained`` / ``load_adapter`` (loaded tensors are copied into them), so one mapping
-    serves both ways. Keys are in the Hugging Face PEFT format: ``base_model.model.<module path>.
-    <parameter>`` without the adapter name. Returns the mapping, or ``None`` to leave it to the next
-    implementation (peft-core's default covers adapter layers and ``modules_to_save``).
+    Called by ``save_pretrained`` (the tensors are written under these keys, ``for_saving=True``),
+    by ``from_pretrained`` / ``load_adapter`` (loaded tensors are copied into them) and whenever the
+    active adapters change (exactly these tensors train), so one mapping serves all three. Keys are in
+    the Hugging Face PEFT format: ``base_model.model.<module path>.<parameter>`` without the adapter
+    name. Values must be the live tensors, except with ``for_saving``, when a method may return what
+    the file should hold instead (AdaLoRA: only the ranks it kept). Returns the mapping, or ``None`` to
+    leave it to the next implementation (peft-core's default covers adapter layers and
+    ``modules_to_save``).
     """

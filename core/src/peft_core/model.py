@@ -179,9 +179,10 @@ class PeftModel(nn.Module):
                 if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
                     tensor.requires_grad_(trainable)
 
-    def _adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+    def _adapter_tensors(self, adapter_name: str, for_saving: bool = False) -> dict[str, torch.Tensor]:
         tensors = registry().hook.peft_state_dict(
-            model=self.base_model.model, config=self.peft_config[adapter_name], adapter_name=adapter_name
+            model=self.base_model.model, config=self.peft_config[adapter_name], adapter_name=adapter_name,
+            for_saving=for_saving,
         )
         return tensors if tensors is not None else {}
 
@@ -264,7 +265,8 @@ class PeftModel(nn.Module):
         for name in selected_adapters or list(self.peft_config):
             config = self.peft_config[name]
             directory = save_directory if name == "default" else os.path.join(save_directory, name)
-            save_adapter(directory, config.to_json_string(inference_mode=True), self._adapter_tensors(name))
+            tensors = self._adapter_tensors(name, for_saving=True)
+            save_adapter(directory, config.to_json_string(inference_mode=True), tensors)
 
     @classmethod
     def from_pretrained(

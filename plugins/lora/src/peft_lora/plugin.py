@@ -42,20 +42,6 @@ def peft_state_dict(model: nn.Module, config: object, adapter_name: str) -> dict
     """The core's mapping plus the base biases that ``bias`` trains (saved under their own names)."""
     if not isinstance(config, LoraConfig) or config.bias == "none":
         return None
-    from peft_core.defaults import SAVED_PREFIX, adapter_layers, adapter_state_dict
+    from peft_core.defaults import adapter_state_dict, trained_bias_tensors
 
-    tensors = adapter_state_dict(model, adapter_name)
-    if config.bias == "lora_only":
-        for name, layer in adapter_layers(model, adapter_name):
-            if getattr(layer.base_layer, "bias", None) is not None:
-                tensors[f"{SAVED_PREFIX}{name}.base_layer.bias"] = layer.base_layer.bias
-        return tensors
-    for name, param in model.named_parameters():
-        if name.endswith("bias") and ".adapters." not in name and _belongs_to(name, adapter_name):
-            tensors[SAVED_PREFIX + name.replace(f".modules_to_save.{adapter_name}.", ".modules_to_save.")] = param
-    return tensors
-
-
-def _belongs_to(name: str, adapter_name: str) -> bool:
-    """False for parameters of another adapter's ``modules_to_save`` copy."""
-    return ".modules_to_save." not in name or f".modules_to_save.{adapter_name}." in name
+    return {**adapter_state_dict(model, adapter_name), **trained_bias_tensors(model, adapter_name, config.bias)}

@@ -1,0 +1,69 @@
+"""The AdaLoRA plugin's hook implementations (the entry point ``peft_core: adalora``).
+
+Importing this module stays light: layers, and so torch, load when an adapter is first injected.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from peft_core import Method, hookimpl
+
+from peft_adalora.config import AdaLoraConfig
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@hookimpl
+def peft_register_methods(register) -> None:
+    register(Method(name="adalora", peft_type="ADALORA", config_class=AdaLoraConfig))
+
+
+@hookimpl
+def peft_inject(model: nn.Module, config: object, adapter_name: str) -> list[str] | None:
+    if not isinstance(config, AdaLoraConfig):
+        return None
+    from peft_core.inject import inject_adapters
+
+    from peft_adalora.allocator import RankAllocator, allocators
+    from peft_adalora.layer import ADALORA_LAYERS
+
+    names = inject_adapters(model, config, adapter_name, ADALORA_LAYERS)
+    layers = [(name, model.get_submodule(name)) for name in names]
+    # As for LoRA: the saved config records that GPT-2's Conv1D stores its weight transposed.
+    config.fan_in_fan_out = config.fan_in_fan_out or any(
+        layer.adapters[adapter_name].transposed for _, layer in layers
+    )
+    allocators(model)[adapter_name] = RankAllocator(config, adapter_name, layers)
+    return names
+
+
+@hookimpl
+def peft_state_dict(
+    model: nn.Module, config: object, adapter_name: str, for_saving: bool
+) -> dict[str, torch.Tensor] | None:
+    """The core's mapping and the biases that ``bias`` trains; for saving, pruned triplets left out.
+
+    While training, the allocator only zeroes pruned singular values; the saved file holds the kept
+    triplets only (as Hugging Face PEFT does), and a loaded adapter is built at those ranks.
+    """
+    if not isinstance(config, AdaLoraConfig):
+        return None
+    import torch
+    from peft_core.defaults import SAVED_PREFIX, adapter_layers, adapter_state_dict, trained_bias_tensors
+
+    tensors = {**adapter_state_dict(model, adapter_name), **trained_bias_tensors(model, adapter_name, config.bias)}
+    if for_saving and config.rank_pattern:
+        for name, layer in adapter_layers(model, adapter_name):
+            adapter = layer.adapters[adapter_name]
+            mask = config.mask_for(name, adapter_name)
+            if mask is None or all(mask) or adapter.r != len(mask):
+                continue
+            keep = torch.tensor(mask, dtype=torch.bool, device=adapter.lora_E.device)
+            prefix = f"{SAVED_PREFIX}{name}."
+            tensors[prefix + "lora_A"] = adapter.lora_A.detach()[keep]
+            tensors[prefix + "lora_E"] = adapter.lora_E.detach()[keep]
+            tensors[prefix + "lora_B"] = adapter.lora_B.detach()[:, keep]
+    return tensors
