@@ -10,7 +10,7 @@ import safetensors.torch
 import torch
 from peft_adalora import AdaLoraCallback, AdaLoraConfig, install_allocator, update_and_allocate
 from peft_core import ConfigError, PeftModel, get_peft_model
-from peft_core.testing import tiny_model
+from peft_core.testing import tiny_model, train_steps
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
 
@@ -91,16 +91,7 @@ def test_training_lowers_the_loss_and_changes_only_adapters(kind, tiny_model_dir
     peft_model = get_peft_model(model, config(kind, total_step=10, tinit=2, tfinal=2, deltaT=1))
     trained_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trained_before and all(".adapters.default.lora_" in n for n in trained_before)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    install_allocator(peft_model, optimizer)
-    peft_model.train()
-    losses = []
-    for _ in range(10):
-        loss = peft_model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(peft_model, input_ids, 10, on_optimizer=lambda opt: install_allocator(peft_model, opt))
     assert losses[-1] < losses[0] - 0.1
     after = {n.replace(".base_layer", ""): p for n, p in peft_model.get_base_model().named_parameters()
              if ".adapters." not in n}

@@ -9,7 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 from peft_core import AdapterLayer, ConfigError, PeftModel, get_peft_model
-from peft_core.testing import tiny_model
+from peft_core.testing import tiny_model, train_steps
 from peft_ia3 import IA3Config
 from torch import nn
 
@@ -119,15 +119,7 @@ def test_training_lowers_the_loss_and_changes_only_the_vectors(llama, input_ids,
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".ia3_l") for n in trainable)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
-    model.train()
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, input_ids, 8, lr=5e-2)
     assert losses[-1] < losses[0] - 0.05
     for name, param in model.named_parameters():
         if name in frozen:

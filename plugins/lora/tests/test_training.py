@@ -6,7 +6,7 @@ import pytest
 import safetensors.torch
 import torch
 from peft_core import AdapterLayer, PeftModel, get_peft_model
-from peft_core.testing import tiny_model
+from peft_core.testing import tiny_model, train_steps
 from peft_lora import LoraConfig
 
 
@@ -33,15 +33,7 @@ def test_training_lowers_the_loss_and_changes_only_adapters(kind, tiny_model_dir
     adapters_before = {n: p.detach().clone() for n, p in peft_model.named_parameters() if p.requires_grad}
     assert adapters_before and all(".adapters.default.lora_" in n for n in adapters_before)
 
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    peft_model.train()
-    losses = []
-    for _ in range(8):
-        loss = peft_model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(peft_model, input_ids, 8)
     assert losses[-1] < losses[0] - 0.1
 
     after = base_weights(peft_model.get_base_model())

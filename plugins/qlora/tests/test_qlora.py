@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 from peft_core import ConfigError, PeftModel, PluginError, get_peft_model
-from peft_core.testing import tiny_model
+from peft_core.testing import tiny_model, train_steps
 from peft_core.weights import read_weight
 from peft_lora import LoraConfig
 from peft_qlora import QLoraConfig, dequantize_model, prepare_model_for_kbit_training
@@ -47,18 +47,8 @@ def bnb_4bit(llama_dir):
     return AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=config).eval()
 
 
-def train(model, input_ids, steps=6, lr=1e-2):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
+def train(model, input_ids, lr=1e-2):
+    return train_steps(model, input_ids, 6, lr=lr)
 
 
 @pytest.mark.parametrize(("quantized_by", "bits", "max_ratio"), [
