@@ -26,6 +26,7 @@ from bench_lora import (
     TARGETS,
     TOLERANCE,
     Figure,
+    base_factory,
     environment,
     inputs,
     interleaved,
@@ -45,16 +46,8 @@ def build_models(vocab: int, seed: int, workdir: str):
     import peft
     import torch
     from peft_core import PeftModel
-    from transformers import LlamaForCausalLM
 
-    config = tiny_llama_config(vocab)
-    torch.manual_seed(seed)
-    base_state = LlamaForCausalLM(config).state_dict()
-
-    def fresh():
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(base_state)
-        return model
+    fresh = base_factory(tiny_llama_config(vocab), seed)
 
     theirs = peft.get_peft_model(fresh(), peft.AdaLoraConfig(**ADALORA_KWARGS))
     generator = torch.Generator().manual_seed(seed + 1)

@@ -16,7 +16,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_lora import FULL, QUICK, bench_training, environment, inputs, max_diff, print_table, tiny_llama_config
+from bench_lora import (
+    FULL,
+    QUICK,
+    base_factory,
+    bench_training,
+    environment,
+    inputs,
+    max_diff,
+    print_table,
+    tiny_llama_config,
+)
 
 IA3_KWARGS = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
                   task_type="CAUSAL_LM")
@@ -28,16 +38,8 @@ def build(vocab: int, seed: int):
     import torch
     from peft_core import get_peft_model
     from peft_ia3 import IA3Config
-    from transformers import LlamaForCausalLM
 
-    config = tiny_llama_config(vocab)
-    torch.manual_seed(seed)
-    state = LlamaForCausalLM(config).state_dict()
-
-    def fresh():
-        model = LlamaForCausalLM(config)
-        model.load_state_dict(state)
-        return model
+    fresh = base_factory(tiny_llama_config(vocab), seed)
 
     ours = get_peft_model(fresh(), IA3Config(**IA3_KWARGS))
     theirs = peft.get_peft_model(fresh(), peft.IA3Config(**IA3_KWARGS))

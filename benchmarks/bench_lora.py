@@ -215,22 +215,29 @@ def lora_params(model) -> dict[str, Any]:
     return {lora_key(n): p for n, p in model.named_parameters() if "lora_" in n}
 
 
-def build_models(vocab: int, seed: int):
-    """The base model and the two LoRA models, on identical base and adapter weights."""
+def base_factory(config, seed: int):
+    """A function that builds fresh copies of one randomly initialised base model."""
     import torch
-    from peft import get_peft_model as hf_get_peft_model
-    from peft_core import get_peft_model
     from transformers import LlamaForCausalLM
 
-    config = tiny_llama_config(vocab)
     torch.manual_seed(seed)
-    base_state = LlamaForCausalLM(config).state_dict()
+    state = LlamaForCausalLM(config).state_dict()
 
     def fresh():
         model = LlamaForCausalLM(config)
-        model.load_state_dict(base_state)
+        model.load_state_dict(state)
         return model
 
+    return fresh
+
+
+def build_models(vocab: int, seed: int):
+    """The base model and the two LoRA models, on identical base and adapter weights."""
+    from peft import get_peft_model as hf_get_peft_model
+    from peft_core import get_peft_model
+
+    config = tiny_llama_config(vocab)
+    fresh = base_factory(config, seed)
     base = fresh()
     ours = get_peft_model(fresh(), ours_config())
     theirs = hf_get_peft_model(fresh(), theirs_config())
@@ -273,13 +280,16 @@ def max_diff(a, b) -> float:
     return (a - b).abs().max().item()
 
 
-def verify(base, ours, theirs, ids, labels) -> dict[str, float]:
-    """Outputs, loss and gradients agree between the libraries, and the adapters change the output."""
+def verify(base, ours, theirs, ids, labels, train_mode: bool = False) -> dict[str, float]:
+    """Outputs, loss and gradients agree between the libraries, and the adapters change the output.
+
+    ``train_mode`` compares the outputs in train mode and leaves the models there (bench_qlora.py says why).
+    """
     import torch
 
     for model in (base, ours, theirs):
-        model.eval()
-    with torch.inference_mode():
+        model.train(train_mode)
+    with torch.no_grad():
         base_logits = base(input_ids=ids).logits
         ours_logits = ours(input_ids=ids).logits
         theirs_logits = theirs(input_ids=ids).logits
@@ -298,17 +308,20 @@ def verify(base, ours, theirs, ids, labels) -> dict[str, float]:
     checks["train_loss_abs_diff"] = abs(ours_loss.item() - theirs_loss.item())
     ours_p, theirs_p = lora_params(ours), lora_params(theirs)
     checks["lora_grad_max_abs_diff"] = max(max_diff(ours_p[k].grad, theirs_p[k].grad) for k in ours_p)
+    missing = [k for k, p in ours_p.items() if p.grad is None or not p.grad.abs().sum() > 0]
     trainable_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
     trainable_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
     for model in (ours, theirs):
         model.zero_grad(set_to_none=True)
-        model.eval()
+        model.train(train_mode)
 
     bad = [k for k, v in checks.items() if k != "lora_effect_max_abs" and not v <= TOLERANCE]
     if checks["lora_effect_max_abs"] < 100 * TOLERANCE:
         bad.append("lora_effect_max_abs (the adapters barely change the output)")
     if trainable_ours != trainable_theirs:
         bad.append(f"trainable parameters: {trainable_ours} vs {trainable_theirs}")
+    if missing:  # with checkpointing, a block whose input needs no grad would leave its adapters untrained
+        bad.append(f"{len(missing)} LoRA parameters got no gradient, e.g. {missing[0]}")
     if bad:
         raise SystemExit(f"Verification failed, timing would compare different work: {bad}; {checks}")
     return checks

@@ -60,6 +60,7 @@ from bench_lora import (
     print_table,
     share_lora_weights,
     tiny_llama_config,
+    verify,
 )
 
 FIGURES = ("train", "memory", "weights")
@@ -239,52 +240,12 @@ def ours_quantize_like_transformers(float_model, base) -> dict[str, float]:
     }
 
 
-def verify_train_mode(base, ours, theirs, ids, labels) -> dict[str, float]:
-    """bench_lora.verify, with every forward in train mode (see below): same logits, loss and gradients.
-
-    On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight into another layout the first time
-    the layer runs in eval mode on an input that needs no grad (``Linear4bit.forward``), drops the
-    double quantization as it does, and fails for an input size that is not a multiple of 64 (1376
-    here). A model that ran once in eval mode would train on other weights than it was loaded with,
-    so the timed models never run in eval mode. With dropout 0 the train-mode logits are the same.
-    """
-    import torch
-
-    for model in (base, ours, theirs):
-        model.train()
-    with torch.no_grad():
-        base_logits = base(input_ids=ids).logits
-        ours_logits = ours(input_ids=ids).logits
-        theirs_logits = theirs(input_ids=ids).logits
-    checks = {
-        "logits_max_abs_diff": max_diff(ours_logits, theirs_logits),
-        "lora_effect_max_abs": max_diff(ours_logits, base_logits),
-    }
-    for model in (ours, theirs):
-        model.zero_grad(set_to_none=True)
-    ours_loss = ours(input_ids=ids, labels=labels).loss
-    theirs_loss = theirs(input_ids=ids, labels=labels).loss
-    ours_loss.backward()
-    theirs_loss.backward()
-    checks["train_loss_abs_diff"] = abs(ours_loss.item() - theirs_loss.item())
-    ours_p, theirs_p = lora_params(ours), lora_params(theirs)
-    checks["lora_grad_max_abs_diff"] = max(max_diff(ours_p[k].grad, theirs_p[k].grad) for k in ours_p)
-    missing = [k for k, p in ours_p.items() if p.grad is None or not p.grad.abs().sum() > 0]
-    trainable_ours = sum(p.numel() for p in ours.parameters() if p.requires_grad)
-    trainable_theirs = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
-    for model in (ours, theirs):
-        model.zero_grad(set_to_none=True)
-
-    bad = [k for k, v in checks.items() if k != "lora_effect_max_abs" and not v <= TOLERANCE]
-    if checks["lora_effect_max_abs"] < 100 * TOLERANCE:
-        bad.append("lora_effect_max_abs (the adapters barely change the output)")
-    if trainable_ours != trainable_theirs:
-        bad.append(f"trainable parameters: {trainable_ours} vs {trainable_theirs}")
-    if missing:  # with checkpointing, a block whose input needs no grad would leave its adapters untrained
-        bad.append(f"{len(missing)} LoRA parameters got no gradient, e.g. {missing[0]}")
-    if bad:
-        raise SystemExit(f"Verification failed, timing would compare different work: {bad}; {checks}")
-    return checks
+# Why verification runs in train mode (bench_lora.verify(..., train_mode=True)): on a CPU with
+# AVX512-BF16, bitsandbytes repacks a 4-bit weight into another layout the first time the layer runs in
+# eval mode on an input that needs no grad (``Linear4bit.forward``), drops the double quantization as it
+# does, and fails for an input size that is not a multiple of 64 (1376 here). A model that ran once in
+# eval mode would train on other weights than it was loaded with, so the timed models never run in eval
+# mode. With dropout 0 the train-mode logits are the same.
 
 
 # --- figure 2: peak memory, one child process per measurement ------------------------------------
@@ -635,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"alpha={LORA_KWARGS['lora_alpha']} on {len(TARGETS)} projections; gradient checkpointing "
                 f"{'on (use_reentrant=True)' if checkpointing else 'off'} on both sides"
             )
-            checks.update(verify_train_mode(base, ours, theirs, ids, labels))
+            checks.update(verify(base, ours, theirs, ids, labels, train_mode=True))  # see the note above figure 2
             print("verified: " + ", ".join(f"{k} {v:.2e}" for k, v in checks.items()))
             checks["nf4_formula_layers_checked"] = check_nf4_formula(base)
             if checks["quantize_model_vs_transformers_max_abs_diff"] > TOLERANCE:
