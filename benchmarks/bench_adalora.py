@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 import tempfile
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # The benchmarks folder is not a package: import bench_lora's helpers from next to this file.
@@ -32,6 +31,7 @@ from bench_lora import (
     interleaved,
     max_diff,
     print_table,
+    setup_torch,
     timed,
     tiny_llama_config,
 )
@@ -125,12 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="exit with status 1 if the ratio misses its target")
     args = parser.parse_args(argv)
 
-    warnings.filterwarnings("ignore")
-    import torch
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
+    setup_torch(args.threads)
     env = environment(args.threads)
     print(
         f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, peft_core "

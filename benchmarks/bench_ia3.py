@@ -10,7 +10,6 @@ and the script checks that logits and gradients agree before timing.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -25,7 +24,9 @@ from bench_lora import (
     inputs,
     max_diff,
     print_table,
+    setup_torch,
     tiny_llama_config,
+    write_json,
 )
 
 IA3_KWARGS = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
@@ -58,14 +59,13 @@ def build(vocab: int, seed: int):
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few repetitions: a smoke test, not a measurement")
     parser.add_argument("--json", metavar="PATH", help="also write the results to this file")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    setup_torch(1)
     vocab = 8192
     ours, theirs, ours_vectors, theirs_vectors = build(vocab, args.seed)
     ids, labels = inputs(vocab, args.seed)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     figure.name = "IA3 train step (fwd+bwd+AdamW)"
     print_table([figure])
     if args.json:
-        Path(args.json).write_text(json.dumps({"environment": environment(1), "figures": [figure.as_dict()]}, indent=2))
+        write_json(args.json, {"environment": environment(1), "figures": [figure.as_dict()]})
     return 0 if figure.passed else 1
 
 

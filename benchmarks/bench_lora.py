@@ -472,6 +472,24 @@ def print_table(figures: list[Figure]) -> None:
     )
 
 
+def setup_torch(threads: int) -> None:
+    """Silence warnings and transformers' logging, and fix torch's intra-op threads for the run."""
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+
+
+def write_json(path: str, result: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        json.dump(result, out, indent=2)
+        out.write("\n")
+    print(f"wrote {path}")
+
+
 def environment(threads: int) -> dict[str, Any]:
     import peft
     import peft_core
@@ -525,13 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     wanted = set(args.only or FIGURES)
     clock = args.clock or ("cpu" if args.threads == 1 else "wall")
 
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_torch(args.threads)
     import torch
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    torch.set_num_threads(args.threads)
     env = environment(args.threads)
     print(
         f"torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, peft_core "
@@ -592,10 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": vars(reps), "verification": checks, "seconds": elapsed,
             "figures": [f.as_dict() for f in figures],
         }
-        with open(args.json, "w", encoding="utf-8") as out:
-            json.dump(result, out, indent=2)
-            out.write("\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return 1 if args.strict and failed else 0
 
 

@@ -33,7 +33,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +57,11 @@ from bench_lora import (
     lora_params,
     max_diff,
     print_table,
+    setup_torch,
     share_lora_weights,
     tiny_llama_config,
     verify,
+    write_json,
 )
 
 FIGURES = ("train", "memory", "weights")
@@ -547,14 +548,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=FULL.steps, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    setup_torch(args.threads)
     import torch
     import transformers
 
-    transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(child(args.child, Path(args.workdir), args.steps, not args.no_checkpointing)))
         return 0
@@ -635,10 +633,7 @@ def main(argv: list[str] | None = None) -> int:
             "figures": [f.as_dict() for f in figures] + [f.as_dict() for f in memory],
             "memory_children": children, "weight_memory": weights,
         }
-        with open(args.json, "w", encoding="utf-8") as out:
-            json.dump(result, out, indent=2)
-            out.write("\n")
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return 1 if args.strict and failed else 0
 
 
