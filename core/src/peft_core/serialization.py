@@ -105,10 +105,11 @@ def resolve_file(
             str(path_or_repo), filename, subfolder=subfolder or None, revision=revision, token=token,
             cache_dir=cache_dir, local_files_only=local_files_only,
         )
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
-        # Checked first: an offline cache miss is also an EntryNotFoundError in recent huggingface_hub.
+    except (EntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
         if not required:
             return None
+        # An offline cache miss is a LocalEntryNotFoundError, itself an EntryNotFoundError in some
+        # huggingface_hub versions: only a missing file in a reachable repo is "no such file".
         if isinstance(exc, EntryNotFoundError) and not isinstance(exc, LocalEntryNotFoundError):
             raise AdapterLoadError(f"The Hub repo {path_or_repo} has no {filename}.") from None
         raise AdapterLoadError(
@@ -116,10 +117,6 @@ def resolve_file(
             f"Hub gave no copy ({type(exc).__name__}: {exc}). Check the path or repo id, your network or "
             f"HF_HUB_OFFLINE, and pass token= for a private repo."
         ) from exc
-    except EntryNotFoundError:
-        if required:
-            raise AdapterLoadError(f"The Hub repo {path_or_repo} has no {filename}.") from None
-        return None
 
 
 def read_config_dict(path_or_repo: str | os.PathLike, **hub_kwargs: Any) -> dict[str, Any]:
