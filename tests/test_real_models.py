@@ -9,6 +9,7 @@ import peft
 import pytest
 import torch
 from peft_core import PeftModel, get_peft_model
+from peft_core.testing import train_steps
 from peft_lora import LoraConfig
 from transformers import AutoTokenizer, BertForSequenceClassification
 
@@ -43,18 +44,9 @@ def test_lora_fine_tunes_minilm_and_round_trips_through_hf_peft(minilm_dir, batc
     model = get_peft_model(classifier(minilm_dir), LoraConfig(
         r=8, lora_alpha=16, target_modules=["query", "value"], task_type="SEQ_CLS",
     ))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    model.train()
-    losses = []
-    for _ in range(12):
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, steps=12, lr=5e-3)
     assert losses[-1] < 0.5 * losses[0]
 
-    model.eval()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
         expected = model(**inputs).logits

@@ -28,3 +28,9 @@ def test_the_core_never_names_a_plugin():
         for plugin in (REPO / "plugins").iterdir():
             module = "peft_" + plugin.name.replace("-", "_")
             assert module not in text, f"{source} names {module}"
+
+
+def test_ci_installs_every_plugin():
+    setup = (REPO / ".ci" / "setup").read_text()
+    for plugin in (REPO / "plugins").iterdir():
+        assert f"-e ./plugins/{plugin.name}" in setup, f".ci/setup does not install plugins/{plugin.name}"

@@ -124,8 +124,8 @@ def test_hook_with_unknown_argument_is_refused():
 
 
 def test_missing_plugin_for_peft_type_names_the_package():
-    with pytest.raises(PluginError, match="pip install peft-prefix-tuning"):
-        registry().method_for_peft_type("PREFIX_TUNING")
+    with pytest.raises(PluginError, match="pip install peft-loha"):
+        registry().method_for_peft_type("LOHA")
 
 
 def test_every_hookspec_is_documented():

@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "PeftConfig": "peft_core.config",
     "LayerConfig": "peft_core.config",
+    "PromptLearningConfig": "peft_core.config",
     "PeftModel": "peft_core.model",
     "PeftModelForCausalLM": "peft_core.model",
     "PeftModelForSeq2SeqLM": "peft_core.model",
@@ -27,6 +28,7 @@ _LAZY = {
     "Adapter": "peft_core.layer",
     "AdapterLayer": "peft_core.layer",
     "ModulesToSave": "peft_core.modules_to_save",
+    "SoftPrompt": "peft_core.soft_prompt",
     "LayerTable": "peft_core.inject",
     "inject_adapters": "peft_core.inject",
     "find_target_modules": "peft_core.walk",

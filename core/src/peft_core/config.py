@@ -150,3 +150,53 @@ class LayerConfig(PeftConfig):
             )
         if self.modules_to_save is not None:
             self.modules_to_save = list(self.modules_to_save)
+
+
+@dataclass
+class PromptLearningConfig(PeftConfig):
+    """Fields shared by soft-prompt methods (prompt tuning, P-tuning, prefix tuning).
+
+    ``num_virtual_tokens`` is how many virtual tokens the adapter puts in front of every input. The
+    model-shape fields (``token_dim``, ``num_layers``, ``num_attention_heads``,
+    ``num_transformer_submodules``) are filled in from the model when the adapter is created, and saved,
+    so a saved adapter says what shape of model it fits. ``modules_to_save`` are whole modules trained
+    and saved with the adapter (a classifier head).
+    """
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    modules_to_save: list[str] | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.num_virtual_tokens, int) or isinstance(self.num_virtual_tokens, bool) \
+                or self.num_virtual_tokens <= 0:
+            raise ConfigError(
+                f"{type(self).__name__} needs num_virtual_tokens, a positive integer (how many virtual tokens "
+                f"to put before the inputs); got {self.num_virtual_tokens!r}."
+            )
+        for name in ("token_dim", "num_transformer_submodules", "num_attention_heads", "num_layers"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{name} must be a positive integer or None (filled from the model), not {value!r}.")
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+
+    @property
+    def total_virtual_tokens(self) -> int:
+        """Rows of the prompt table: an encoder-decoder model gets a block for each of its two stacks."""
+        return self.num_virtual_tokens * (self.num_transformer_submodules or 1)
+
+    def complete_from(self, model: Any) -> None:
+        """Fill the model-shape fields left as None from ``model.config`` (a transformers config)."""
+        from peft_core.model_shape import model_shape
+
+        shape = model_shape(model)
+        if self.num_transformer_submodules is None:
+            self.num_transformer_submodules = 2 if self.task_type == "SEQ_2_SEQ_LM" else 1
+        self.num_layers = self.num_layers or shape.num_layers
+        self.token_dim = self.token_dim or shape.hidden_size
+        self.num_attention_heads = self.num_attention_heads or shape.num_attention_heads

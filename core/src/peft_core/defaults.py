@@ -1,4 +1,5 @@
-"""peft-core's own hook implementations: merging and state dicts for every layer method.
+"""peft-core's own hook implementations: merging and state dicts for every layer method, and the
+forward, state dict and (refused) merge of every soft prompt.
 
 Registered before any plugin and marked ``trylast``, so a plugin that implements the same hook for its
 config runs first and can take over by returning a result.
@@ -6,8 +7,9 @@ config runs first and can take over by returning a result.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from peft_core.errors import PeftError
 from peft_core.plugins import hookimpl
 from peft_core.walk import iter_modules
 
@@ -67,13 +69,49 @@ def trained_bias_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict
     return tensors
 
 
+def prompt_state_dict(model: nn.Module, adapter_name: str, for_saving: bool) -> dict[str, torch.Tensor] | None:
+    """Saved key -> tensor for a soft-prompt adapter, or None if ``adapter_name`` is not one.
+
+    Hugging Face PEFT saves a soft prompt's ``modules_to_save`` one level higher than a layer
+    method's (``base_model.classifier.weight``): its prompt methods do not wrap the model.
+    """
+    from peft_core.soft_prompt import soft_prompt
+
+    prompt = soft_prompt(model, adapter_name)
+    if prompt is None:
+        return None
+    tensors = prompt.saved_tensors(for_saving)
+    for key, tensor in adapter_state_dict(model, adapter_name).items():
+        tensors["base_model." + key.removeprefix(SAVED_PREFIX)] = tensor
+    return tensors
+
+
 @hookimpl(trylast=True)
-def peft_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    return adapter_state_dict(model, adapter_name)
+def peft_state_dict(model: nn.Module, adapter_name: str, for_saving: bool) -> dict[str, torch.Tensor]:
+    prompt_tensors = prompt_state_dict(model, adapter_name, for_saving)
+    return prompt_tensors if prompt_tensors is not None else adapter_state_dict(model, adapter_name)
+
+
+@hookimpl(trylast=True)
+def peft_forward(
+    model: nn.Module, adapter_name: str, inputs: dict[str, Any], continuation: bool
+) -> dict[str, Any] | None:
+    from peft_core.soft_prompt import soft_prompt
+
+    prompt = soft_prompt(model, adapter_name)
+    return None if prompt is None else prompt.rewrite(model, inputs, continuation)
 
 
 @hookimpl(trylast=True)
 def peft_merge(model: nn.Module, config: PeftConfig, adapter_name: str, safe_merge: bool) -> bool:
+    from peft_core.soft_prompt import soft_prompt
+
+    if soft_prompt(model, adapter_name) is not None:
+        raise PeftError(
+            f"Adapter {adapter_name!r} is a soft prompt ({config.peft_type}): its virtual tokens are inputs, "
+            f"not weights, so it cannot be merged into the base model. Keep the PeftModel for inference, or "
+            f"merge only the other adapters (merge_and_unload(adapter_names=[...]))."
+        )
     layers = adapter_layers(model, adapter_name)
     if safe_merge:  # check every layer before changing any, so a failure leaves the model as it was
         for name, layer in layers:

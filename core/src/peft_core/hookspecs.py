@@ -70,14 +70,18 @@ def peft_inject(model: nn.Module, config: PeftConfig, adapter_name: str) -> list
 
 @hookspec(firstresult=True)
 def peft_forward(
-    model: nn.Module, config: PeftConfig, adapter_name: str, inputs: dict[str, Any]
+    model: nn.Module, config: PeftConfig, adapter_name: str, inputs: dict[str, Any], continuation: bool
 ) -> dict[str, Any] | None:
-    """Transform a model call's inputs for one active adapter (soft prompts, prefixes).
+    """Rewrite the keyword inputs of one call of the base model for one active adapter (soft prompts).
 
-    Called once per ``PeftModel.forward`` / ``generate`` call, for each active adapter whose
-    :class:`~peft_core.plugins.Method` declares ``transforms_inputs=True``; never for layer methods.
-    Receives the base model, the adapter's config and name, and the keyword inputs of the call.
-    Returns the new keyword inputs, or ``None`` if the config is not this plugin's.
+    Called for each active adapter whose :class:`~peft_core.plugins.Method` declares
+    ``transforms_inputs=True``, in the order of the active adapters; never for layer methods. Called by
+    ``PeftModel.forward`` and, during ``generate``, for every call generation makes of the model (for an
+    encoder-decoder model, also once with the encoder's inputs before generation starts).
+    ``continuation`` is True when the call continues from a key/value cache that already holds what
+    the adapters added on the first call (then only masks and positions should move). Returns the new
+    inputs, or ``None`` if the adapter is not this plugin's. peft-core's default handles every
+    :class:`~peft_core.soft_prompt.SoftPrompt` a plugin attached.
     """
 
 

@@ -8,6 +8,7 @@ The user-facing API follows Hugging Face PEFT: same method names, same meanings.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -20,8 +21,13 @@ from peft_core.errors import PeftError, PluginError
 from peft_core.layer import AdapterLayer, getattr_through
 from peft_core.modules_to_save import ModulesToSave
 from peft_core.plugins import Method, registry
+from peft_core.prompt_inputs import is_continuation, is_encoder_decoder
 from peft_core.serialization import copy_into, read_config_dict, read_weights, save_adapter
-from peft_core.walk import iter_modules, replace_module
+from peft_core.soft_prompt import detach_soft_prompts
+from peft_core.walk import is_checkpointing, iter_modules, replace_module
+
+# The PeftModel whose generate() runs in this thread (and context), if any.
+_generating: contextvars.ContextVar[PeftModel | None] = contextvars.ContextVar("peft_generating", default=None)
 
 
 class AdaptedModel(nn.Module):
@@ -56,11 +62,12 @@ class PeftModel(nn.Module):
         self._methods: dict[str, Method] = {}
         self._merged: list[str] = []
         self._disabled = False
+        self._generation_hook: torch.utils.hooks.RemovableHandle | None = None
         model.requires_grad_(False)  # only what adapters add (and what they save) trains
         # The wrappers take the model's mode without changing any of its modules' (train() would).
         self.training = self.base_model.training = model.training
         self.add_adapter(adapter_name, peft_config)
-        if _is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
+        if is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
             # With the base frozen, checkpointed blocks would see inputs that need no grad and skip
             # the adapters' backward.
             model.enable_input_require_grads()
@@ -79,19 +86,59 @@ class PeftModel(nn.Module):
         return self.active_adapters[0]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if args and self._transforming_adapters():
+            kwargs = {"input_ids": args[0], **kwargs}  # soft prompts rewrite inputs by name
+            args = args[1:]
         return self.base_model.model(*args, **self._transform_inputs(kwargs))
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.model.generate(*args, **self._transform_inputs(kwargs))
+        """Generate with the active adapters; soft prompts join every model call generation makes."""
+        model = self.base_model.model
+        if not self._transforming_adapters():
+            return model.generate(*args, **kwargs)
+        if args:
+            kwargs = {"input_ids": args[0], **kwargs}
+            args = args[1:]
+        if is_encoder_decoder(model):
+            kwargs = self._transform_inputs(kwargs)  # the encoder runs once, on these inputs
+        if self._generation_hook is None:
+            self._generation_hook = model.register_forward_pre_hook(self._rewrite_generation_call, with_kwargs=True)
+        token = _generating.set(self)
+        try:
+            return model.generate(*args, **kwargs)
+        finally:
+            _generating.reset(token)
+
+    def _rewrite_generation_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        # Installed once and left in place, so serving threads never add or remove hooks while others run
+        # the model; it acts only inside this PeftModel's generate, in the thread that called it.
+        if _generating.get() is not self:
+            return None
+        return args, self._transform_inputs(kwargs)
+
+    def _transforming_adapters(self) -> list[str]:
+        if self._disabled:
+            return []
+        return [name for name in self.active_adapters if self._methods[name].transforms_inputs]
 
     def _transform_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        if self._disabled:
+        names = self._transforming_adapters()
+        if not names:
             return inputs
-        for name in self.active_adapters:
-            if self._methods[name].transforms_inputs:
-                inputs = registry().hook.peft_forward(
-                    model=self.base_model.model, config=self.peft_config[name], adapter_name=name, inputs=inputs
+        model = self.base_model.model
+        continuation = is_continuation(model, inputs)  # decided once: the first adapter may fill the cache
+        for name in names:
+            rewritten = registry().hook.peft_forward(
+                model=model, config=self.peft_config[name], adapter_name=name, inputs=inputs,
+                continuation=continuation,
+            )
+            if rewritten is None:
+                method = self._methods[name]
+                raise PluginError(
+                    f"The {method.name} plugin ({method.package or 'user code'}) declares transforms_inputs "
+                    f"but its peft_forward hook returned nothing for adapter {name!r}."
                 )
+            inputs = rewritten
         return inputs
 
     # --- adapters ----------------------------------------------------------------------------
@@ -147,6 +194,7 @@ class PeftModel(nn.Module):
                 module.remove(adapter_name)
                 if not module.modules_to_save:
                     replace_module(self.base_model.model, name, module.original_module)
+        detach_soft_prompts(self.base_model.model, [adapter_name])
         del self.peft_config[adapter_name]
         del self._methods[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
@@ -233,6 +281,10 @@ class PeftModel(nn.Module):
                 replace_module(model, name, module.modules_to_save[module.active_adapter])
             else:
                 replace_module(model, name, module.original_module)
+        detach_soft_prompts(model)
+        if self._generation_hook is not None:
+            self._generation_hook.remove()
+            self._generation_hook = None
         return model
 
     # --- parameters --------------------------------------------------------------------------
@@ -279,7 +331,9 @@ class PeftModel(nn.Module):
         With ``is_trainable=False`` (the default) the adapter is frozen, for inference.
         """
         config = config or config_from_dict(read_config_dict(model_id, **hub_kwargs))
-        config.inference_mode = not is_trainable
+        # Built as for inference, which is the shape of what was saved (a soft prompt's final rows, not the
+        # encoder that trained them); training continues from exactly those tensors.
+        config.inference_mode = True
         target_cls = TASK_MODELS.get(config.task_type, cls) if cls is PeftModel else cls
         peft_model = target_cls(model, config, adapter_name)
         if not is_trainable:
@@ -289,6 +343,7 @@ class PeftModel(nn.Module):
         except Exception:
             peft_model.unload()  # hand the caller's model back as it was
             raise
+        peft_model._set_trainable(adapter_name, is_trainable)
         return peft_model
 
     def load_adapter(
@@ -296,13 +351,18 @@ class PeftModel(nn.Module):
     ) -> None:
         """Add a saved adapter under ``adapter_name`` (inactive until ``set_adapter``)."""
         config = config_from_dict(read_config_dict(model_id, **hub_kwargs))
-        config.inference_mode = not is_trainable
+        config.inference_mode = True  # as in from_pretrained
         self.add_adapter(adapter_name, config)
         try:
             self._load_weights(adapter_name, model_id, hub_kwargs)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
+        self._set_trainable(adapter_name, is_trainable)
+
+    def _set_trainable(self, adapter_name: str, trainable: bool) -> None:
+        self.peft_config[adapter_name].inference_mode = not trainable
+        self._apply_state()
 
     def _load_weights(self, adapter_name: str, model_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -> None:
         loaded = read_weights(model_id, **hub_kwargs)
@@ -335,14 +395,6 @@ class PeftModel(nn.Module):
             elif key in live:
                 found[key] = live[key]
         return found
-
-
-def _is_checkpointing(model: nn.Module) -> bool:
-    # transformers 5 renamed the flag; reading the old name there only warns.
-    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
-        if hasattr(type(model), flag):
-            return bool(getattr(model, flag))
-    return False
 
 
 class PeftModelForCausalLM(PeftModel):

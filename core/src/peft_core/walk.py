@@ -141,3 +141,12 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Put ``new`` where the module ``name`` is."""
     parent, child_name = get_parent(model, name)
     setattr(parent, child_name, new)
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether gradient checkpointing is on for ``model`` (a transformers model)."""
+    # transformers 5 renamed the flag; reading the old name there only warns.
+    for flag in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), flag):
+            return bool(getattr(model, flag))
+    return False

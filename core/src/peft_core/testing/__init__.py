@@ -1,6 +1,6 @@
 """Tools for testing methods, shared by peft-core's own tests and plugin authors' tests."""
 
-from peft_core.testing.models import TINY_MODELS, tiny_model
+from peft_core.testing.models import TINY_MODELS, tiny_model, tiny_tokenizer
 from peft_core.testing.training import train_steps
 
-__all__ = ["TINY_MODELS", "tiny_model", "train_steps"]
+__all__ = ["TINY_MODELS", "tiny_model", "tiny_tokenizer", "train_steps"]

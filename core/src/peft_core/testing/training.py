@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 
 def train_steps(
-    model: nn.Module, input_ids: torch.Tensor, steps: int, lr: float = 1e-2,
+    model: nn.Module, inputs: torch.Tensor | Mapping[str, torch.Tensor], steps: int, lr: float = 1e-2,
     on_optimizer: Callable[[torch.optim.Optimizer], object] | None = None,
 ) -> list[float]:
-    """Train the trainable parameters with AdamW on a language-modelling loss; return the losses.
+    """Train the trainable parameters with AdamW; return the losses.
+
+    ``inputs`` is a batch of token ids (a language-modelling loss on them) or the keyword inputs of a
+    call that returns a loss (with its ``labels``).
 
     ``on_optimizer`` sees the optimizer before the first step (AdaLoRA installs its allocator there).
     The model is left in eval mode.
@@ -23,7 +26,8 @@ def train_steps(
     model.train()
     losses = []
     for _ in range(steps):
-        loss = model(input_ids=input_ids, labels=input_ids).loss
+        batch = {"input_ids": inputs, "labels": inputs} if isinstance(inputs, torch.Tensor) else inputs
+        loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

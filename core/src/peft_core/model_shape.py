@@ -1,0 +1,55 @@
+"""The few numbers soft-prompt methods need from a transformers config, under whatever name it uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from peft_core.errors import ConfigError
+
+# Each field's names across model families, most common first.
+_NAMES = {
+    "num_layers": ("num_hidden_layers", "num_layers", "n_layer", "num_decoder_layers"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model"),
+    "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads"),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int  # fewer than num_attention_heads with grouped-query attention
+    head_dim: int
+    is_encoder_decoder: bool
+
+
+def model_shape(model: Any) -> ModelShape:
+    """Read the shape of ``model`` (or of the text model of a multimodal one) from its config."""
+    config = getattr(model, "config", None)
+    if config is None:
+        raise ConfigError(
+            f"{type(model).__name__} has no transformers config to read its shape from; set token_dim, "
+            f"num_layers and num_attention_heads in the adapter config."
+        )
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def read(field: str) -> int:
+        for name in _NAMES[field]:
+            value = getattr(text, name, None)
+            if isinstance(value, int):
+                return value
+        raise ConfigError(
+            f"Cannot tell {field} of {type(model).__name__} from its config (looked for "
+            f"{', '.join(_NAMES[field])}); set it in the adapter config."
+        )
+
+    hidden, heads = read("hidden_size"), read("num_attention_heads")
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    return ModelShape(
+        num_layers=read("num_layers"), hidden_size=hidden, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, head_dim=head_dim,
+        is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
+    )

@@ -1,0 +1,33 @@
+"""The P-tuning plugin's hook implementations (the entry point ``peft_core: p_tuning``).
+
+peft-core's defaults run the forward, state dict and merge refusal of every soft prompt, so the plugin
+only registers its method and builds its prompt.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from peft_core import Method, hookimpl
+
+from peft_p_tuning.config import PromptEncoderConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+@hookimpl
+def peft_register_methods(register) -> None:
+    register(Method(name="p-tuning", peft_type="P_TUNING", config_class=PromptEncoderConfig, transforms_inputs=True))
+
+
+@hookimpl
+def peft_inject(model: nn.Module, config: object, adapter_name: str) -> list[str] | None:
+    if not isinstance(config, PromptEncoderConfig):
+        return None
+    from peft_core.soft_prompt import inject_soft_prompt
+
+    from peft_p_tuning.prompt import build_prompt
+
+    config.complete_from(model)
+    return inject_soft_prompt(model, config, adapter_name, build_prompt(config))

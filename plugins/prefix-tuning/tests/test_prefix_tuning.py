@@ -1,0 +1,77 @@
+"""Prefix tuning: prefixes reach every attention layer's cache in the right shape, train, and export."""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch
+import torch
+from peft_core import ConfigError, PeftModel, get_peft_model
+from peft_core.testing import tiny_model, train_steps
+from peft_prefix_tuning import PrefixTuningConfig
+
+PROMPT = "base_model.model.peft_soft_prompts.default."
+
+
+def logits(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits
+
+
+def test_prefix_fills_each_layers_cache_with_its_own_rows(llama):
+    """Tiny Llama: 2 layers, 4 query heads sharing 2 key/value heads of width 16."""
+    model = get_peft_model(llama, PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")).eval()
+    config = model.peft_config["default"]
+    assert (config.num_layers, config.num_attention_heads, config.token_dim) == (2, 2, 32)
+    input_ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        cache = model(input_ids=input_ids, use_cache=True).cache
+    rows = model.base_model.model.peft_soft_prompts["default"]().detach()  # (3, layers * 2 * 32)
+    for layer in range(2):
+        keys, values = cache.layers[layer].keys, cache.layers[layer].values
+        assert keys.shape == (1, 2, 3 + 4, 16)
+        block = rows.view(3, 2, 2, 2, 16)[:, layer]  # (token, key|value, head, head_dim)
+        torch.testing.assert_close(keys[0, :, :3], block[:, 0].permute(1, 0, 2))
+        torch.testing.assert_close(values[0, :, :3], block[:, 1].permute(1, 0, 2))
+
+
+@pytest.mark.parametrize("projection", [False, True], ids=["table", "projection"])
+def test_training_changes_only_the_prefix_and_lowers_the_loss(projection, llama, input_ids):
+    model = get_peft_model(llama, PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM",
+                                                     prefix_projection=projection, encoder_hidden_size=24))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith(PROMPT) for n in trainable) and len(trainable) == (5 if projection else 1)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = train_steps(model, input_ids, steps=10, lr=0.05)
+    assert losses[-1] < losses[0] - 0.05
+    assert {n for n, p in model.named_parameters() if not torch.equal(p, start[n])} == trainable
+
+
+def test_projection_is_saved_as_its_output(llama, llama_dir, input_ids, tmp_path):
+    model = get_peft_model(llama, PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM",
+                                                     prefix_projection=True))
+    train_steps(model, input_ids, steps=2)
+    model.save_pretrained(tmp_path)
+    saved = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors")
+    torch.testing.assert_close(saved["prompt_embeddings"], model.base_model.model.peft_soft_prompts["default"]())
+    loaded = PeftModel.from_pretrained(tiny_model("llama", llama_dir), tmp_path)
+    assert [n for n, _ in loaded.named_parameters() if "peft_soft_prompts" in n] == [PROMPT + "embedding.weight"]
+    torch.testing.assert_close(logits(loaded, input_ids), logits(model, input_ids))
+
+
+def test_gpt2_without_grouped_query_attention_uses_the_hidden_size(gpt2):
+    model = get_peft_model(gpt2, PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+    config = model.peft_config["default"]
+    assert (config.token_dim, config.num_attention_heads, config.num_layers) == (64, 4, 2)
+
+
+def test_bfloat16_model_gets_prefixes_in_its_dtype(llama_dir, input_ids):
+    model = get_peft_model(tiny_model("llama", llama_dir, dtype=torch.bfloat16),
+                           PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
+    assert model.base_model.model.peft_soft_prompts["default"].embedding.weight.dtype == torch.float32
+    losses = train_steps(model, input_ids, steps=3)
+    assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_token_dim_that_does_not_split_into_heads_is_refused(llama):
+    with pytest.raises(ConfigError, match="token_dim=30 does not split into num_attention_heads=4"):
+        get_peft_model(llama, PrefixTuningConfig(num_virtual_tokens=2, token_dim=30, num_attention_heads=4))
