@@ -108,6 +108,22 @@ def peft_unmerge(model: nn.Module, config: PeftConfig, adapter_name: str) -> boo
     """
 
 
+@hookspec(firstresult=True)
+def peft_add_weighted_adapter(
+    peft_model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str,
+    options: dict[str, Any],
+) -> bool | None:
+    """Add ``adapter_name``, an adapter combining the existing ``adapters`` with ``weights``.
+
+    Called by ``PeftModel.add_weighted_adapter`` when every adapter in ``adapters`` is of one method.
+    Receives the :class:`~peft_core.model.PeftModel` itself (the plugin adds the new adapter with
+    ``peft_model.add_adapter`` and then writes its weights), the ``combination_type`` (LoRA: ``"linear"``,
+    ``"cat"``, ``"svd"``, ``"ties"``, ...) and the remaining keyword ``options`` of the call. Returns
+    ``True`` when done, ``None`` if the adapters are not this plugin's; raises
+    :class:`~peft_core.errors.ConfigError` for a combination it does not support.
+    """
+
+
 # --- saving and loading -----------------------------------------------------------------------
 
 

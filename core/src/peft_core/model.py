@@ -234,6 +234,34 @@ class PeftModel(nn.Module):
         )
         return tensors if tensors is not None else {}
 
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "svd",
+        **options: Any,
+    ) -> None:
+        """Add ``adapter_name`` (inactive), combining ``adapters`` of one method with ``weights``.
+
+        ``combination_type`` and ``options`` are the method's (LoRA: ``linear``, ``cat``, ``svd``, ``ties``,
+        ``ties_svd``, ``dare_linear``, ``dare_ties``, ``magnitude_prune``, with ``svd_rank``, ``density``,
+        ``majority_sign_method``, ... as in Hugging Face PEFT).
+        """
+        if adapter_name in self.peft_config:
+            raise PeftError(f"An adapter named {adapter_name!r} exists already; delete it or pick another name.")
+        unknown = [name for name in adapters if name not in self.peft_config]
+        if unknown or not adapters:
+            raise PeftError(f"add_weighted_adapter needs existing adapters; this model has {sorted(self.peft_config)}, "
+                            f"not {unknown or adapters}.")
+        if len(weights) != len(adapters):
+            raise PeftError(f"add_weighted_adapter got {len(adapters)} adapters but {len(weights)} weights.")
+        methods = {self._methods[name].name for name in adapters}
+        if len(methods) > 1:
+            raise PeftError(f"add_weighted_adapter combines adapters of one method; these are {sorted(methods)}.")
+        done = registry().hook.peft_add_weighted_adapter(
+            peft_model=self, adapters=list(adapters), weights=list(weights), adapter_name=adapter_name,
+            combination_type=combination_type, options=options,
+        )
+        if done is None:
+            raise PeftError(f"The {methods.pop()} method cannot combine adapters into a weighted one.")
+
     # --- merging -----------------------------------------------------------------------------
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
