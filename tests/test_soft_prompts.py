@@ -271,6 +271,8 @@ def test_soft_prompt_refuses_to_merge_and_unloads_cleanly(make) -> None:
     base_logits = outputs(make("llama"), {"input_ids": torch.tensor([[5, 6, 7]])})[0]
     model = get_peft_model(make("llama"), PromptTuningConfig(num_virtual_tokens=VIRTUAL, task_type="CAUSAL_LM"))
     with pytest.raises(PeftError, match="soft prompt .*cannot be merged"):
+        model.merge_adapter()
+    with pytest.raises(PeftError, match=r"act on the model's inputs .*keep_unmergeable=True"):
         model.merge_and_unload()
     model.add_adapter("other", PrefixTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM"))
     model.delete_adapter("other")

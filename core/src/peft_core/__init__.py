@@ -25,6 +25,8 @@ _LAZY = {
     "PeftModelForQuestionAnswering": "peft_core.model",
     "PeftModelForFeatureExtraction": "peft_core.model",
     "get_peft_model": "peft_core.model",
+    "stack": "peft_core.stacking",
+    "Stack": "peft_core.stacking",
     "Adapter": "peft_core.layer",
     "AdapterLayer": "peft_core.layer",
     "ModulesToSave": "peft_core.modules_to_save",

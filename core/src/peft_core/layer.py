@@ -13,12 +13,14 @@ The base layer is never changed except by an explicit merge, so disabling or unl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from peft_core.errors import PeftError
+from peft_core.mixed_batch import MixedBatch, current_mixed_batch
 from peft_core.weights import read_weight, write_weight, writes_exactly
 
 
@@ -61,6 +63,26 @@ class Adapter(nn.Module):
     def unmerged_bias(self, bias: torch.Tensor) -> torch.Tensor:
         return bias
 
+    @classmethod
+    def forward_mixed(
+        cls, adapters: Sequence[Adapter | None], index: torch.Tensor, x: torch.Tensor,
+        out: torch.Tensor | None, cache: dict[str, Any],
+    ) -> torch.Tensor:
+        """Apply to each sample ``b`` the adapter ``adapters[index[b]]`` (``None``: leave it unchanged).
+
+        ``adapters`` are this class's adapters of one layer, by slot; ``out`` is None for input
+        adapters. ``cache`` is the layer's own dict, kept across calls, for what a method derives from
+        its weights (stacked matrices). This default runs each adapter on its rows; methods override it
+        with one batched computation.
+        """
+        result = (x if out is None else out).clone()
+        for slot, adapter in enumerate(adapters):
+            rows = (index == slot).nonzero().flatten()
+            if adapter is None or rows.numel() == 0:
+                continue
+            result[rows] = adapter(x[rows]) if out is None else adapter(x[rows], out[rows])
+        return result
+
     def bind(self, base_layer: nn.Module) -> None:
         """Remember the base layer this adapter modifies (not as a submodule: the wrapper owns it)."""
         object.__setattr__(self, "base", base_layer)
@@ -87,8 +109,12 @@ class AdapterLayer(nn.Module):
         # path does no lookups by name.
         self._input_adapters: tuple[Adapter, ...] = ()
         self._output_adapters: tuple[Adapter, ...] = ()
+        self._mixed_caches: dict[str, dict[str, Any]] = {}  # per adapter class, for forward_mixed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mixed = current_mixed_batch()
+        if mixed is not None:
+            return self._forward_mixed(x, mixed)
         if not self._output_adapters and not self._input_adapters:
             return self.base_layer(x)
         base_input = x
@@ -98,6 +124,29 @@ class AdapterLayer(nn.Module):
         for adapter in self._output_adapters:
             out = adapter(x, out)
         return out
+
+    def _forward_mixed(self, x: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
+        # Each adapter class applies its adapters to their samples in one call; the classes go in the
+        # order of the wrapper (inputs, base, outputs), as a sample's own adapter would alone.
+        slots = [self.adapters[n] if n in self.adapters and not self.disabled else None for n in mixed.names]
+        if not any(slots):
+            return self.base_layer(x)
+        index = mixed.index_for(x.shape[0], x.device)
+        base_input = x
+        for cls, members in self._by_class(slots, "input"):
+            base_input = cls.forward_mixed(members, index, base_input, None, self._mixed_cache(cls))
+        out = self.base_layer(base_input)
+        for cls, members in self._by_class(slots, "output"):
+            out = cls.forward_mixed(members, index, x, out, self._mixed_cache(cls))
+        return out
+
+    @staticmethod
+    def _by_class(slots: list[Adapter | None], acts_on: str) -> list[tuple[type[Adapter], list[Adapter | None]]]:
+        classes = dict.fromkeys(type(a) for a in slots if a is not None and a.acts_on == acts_on)
+        return [(cls, [a if type(a) is cls and a.acts_on == acts_on else None for a in slots]) for cls in classes]
+
+    def _mixed_cache(self, cls: type) -> dict[str, Any]:
+        return self._mixed_caches.setdefault(cls.__qualname__, {})
 
     def __getattr__(self, name: str) -> Any:
         # Model code reads attributes of the layer it built (``.weight``, ``.in_features``, ...).

@@ -19,11 +19,20 @@ from torch import nn
 from peft_core.config import PeftConfig, config_from_dict
 from peft_core.errors import PeftError, PluginError
 from peft_core.layer import AdapterLayer, getattr_through
+from peft_core.mixed_batch import BASE, MixedBatch, current_mixed_batch, mixed_batch
 from peft_core.modules_to_save import ModulesToSave
 from peft_core.plugins import Method, registry
 from peft_core.prompt_inputs import is_continuation, is_encoder_decoder
-from peft_core.serialization import copy_into, read_config_dict, read_weights, save_adapter
-from peft_core.soft_prompt import detach_soft_prompts
+from peft_core.serialization import (
+    atomic_write_bytes,
+    copy_into,
+    read_config_dict,
+    read_weights,
+    resolve_file,
+    save_adapter,
+)
+from peft_core.soft_prompt import detach_soft_prompts, rewrite_mixed, soft_prompt
+from peft_core.stacking import MANIFEST_NAME, Stack, check_adapter_name, manifest_json, read_manifest
 from peft_core.walk import is_checkpointing, iter_modules, replace_module
 
 # The PeftModel whose generate() runs in this thread (and context), if any.
@@ -54,11 +63,13 @@ class PeftModel(nn.Module):
     # Modules that task wrappers train and save in full with every adapter (a classification head).
     TASK_MODULES_TO_SAVE: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, peft_config: PeftConfig | Stack, adapter_name: str = "default") -> None:
         super().__init__()
         self.base_model = AdaptedModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
-        self.active_adapters: list[str] = [adapter_name]  # active from the start: add_adapter applies it
+        new = list(zip(peft_config.names, peft_config.members, strict=True)) if isinstance(peft_config, Stack) \
+            else [(adapter_name, peft_config)]
+        self.active_adapters: list[str] = [name for name, _ in new]  # active at once: add_adapter applies them
         self._methods: dict[str, Method] = {}
         self._merged: list[str] = []
         self._disabled = False
@@ -66,7 +77,11 @@ class PeftModel(nn.Module):
         model.requires_grad_(False)  # only what adapters add (and what they save) trains
         # The wrappers take the model's mode without changing any of its modules' (train() would).
         self.training = self.base_model.training = model.training
-        self.add_adapter(adapter_name, peft_config)
+        for name, config in new:
+            if isinstance(config, str):
+                raise PeftError(f"A new model needs configs, not the adapter name {config!r}: "
+                                f"stack([LoraConfig(...), ...]).")
+            self.add_adapter(name, config)
         if is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
             # With the base frozen, checkpointed blocks would see inputs that need no grad and skip
             # the adapters' backward.
@@ -85,29 +100,38 @@ class PeftModel(nn.Module):
     def active_adapter(self) -> str:
         return self.active_adapters[0]
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if args and self._transforming_adapters():
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Run the model with the active adapters, or with ``adapter_names[b]`` for sample ``b`` (a
+        mixed batch; ``"__base__"`` for the base model alone)."""
+        if args and (adapter_names is not None or self._transforming_adapters()):
             kwargs = {"input_ids": args[0], **kwargs}  # soft prompts rewrite inputs by name
             args = args[1:]
-        return self.base_model.model(*args, **self._transform_inputs(kwargs))
+        mixed = self._mixed_batch(adapter_names, kwargs)
+        with mixed_batch(mixed):
+            return self.base_model.model(*args, **self._transform_inputs(kwargs))
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """Generate with the active adapters; soft prompts join every model call generation makes."""
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Generate with the active adapters, or per sample with ``adapter_names`` as in ``forward``; soft
+        prompts join every model call generation makes."""
         model = self.base_model.model
-        if not self._transforming_adapters():
-            return model.generate(*args, **kwargs)
         if args:
             kwargs = {"input_ids": args[0], **kwargs}
             args = args[1:]
-        if is_encoder_decoder(model):
-            kwargs = self._transform_inputs(kwargs)  # the encoder runs once, on these inputs
-        if self._generation_hook is None:
-            self._generation_hook = model.register_forward_pre_hook(self._rewrite_generation_call, with_kwargs=True)
-        token = _generating.set(self)
-        try:
-            return model.generate(*args, **kwargs)
-        finally:
-            _generating.reset(token)
+        mixed = self._mixed_batch(adapter_names, kwargs)
+        with mixed_batch(mixed):
+            if not self._transforming_adapters() and mixed is None:
+                return model.generate(*args, **kwargs)
+            if is_encoder_decoder(model):
+                kwargs = self._transform_inputs(kwargs)  # the encoder runs once, on these inputs
+            if self._generation_hook is None:
+                self._generation_hook = model.register_forward_pre_hook(
+                    self._rewrite_generation_call, with_kwargs=True
+                )
+            token = _generating.set(self)
+            try:
+                return model.generate(*args, **kwargs)
+            finally:
+                _generating.reset(token)
 
     def _rewrite_generation_call(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         # Installed once and left in place, so serving threads never add or remove hooks while others run
@@ -116,12 +140,33 @@ class PeftModel(nn.Module):
             return None
         return args, self._transform_inputs(kwargs)
 
+    def _mixed_batch(self, adapter_names: list[str] | None, inputs: dict[str, Any]) -> MixedBatch | None:
+        if adapter_names is None:
+            return None
+        if isinstance(adapter_names, str):
+            raise PeftError("adapter_names takes one adapter name per sample (a list), not one string.")
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
+        if unknown:
+            raise PeftError(f"adapter_names: no adapter named {unknown}; this model has {sorted(self.peft_config)} "
+                            f"(and {BASE!r} for the base model).")
+        batch = next((inputs[k].shape[0] for k in ("input_ids", "inputs_embeds") if inputs.get(k) is not None), None)
+        if batch is not None and batch != len(adapter_names):
+            raise PeftError(f"adapter_names has {len(adapter_names)} names for a batch of {batch} samples.")
+        if self.training:
+            raise PeftError("adapter_names (a mixed batch) is for inference: call model.eval() first.")
+        if self._merged:
+            raise PeftError(f"adapter_names needs unmerged adapters; {self._merged} are merged: unmerge_adapter().")
+        return MixedBatch.of(adapter_names)
+
     def _transforming_adapters(self) -> list[str]:
         if self._disabled:
             return []
         return [name for name in self.active_adapters if self._methods[name].transforms_inputs]
 
     def _transform_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        mixed = current_mixed_batch()
+        if mixed is not None and not self._disabled:
+            return self._transform_mixed(inputs, mixed)
         names = self._transforming_adapters()
         if not names:
             return inputs
@@ -141,12 +186,27 @@ class PeftModel(nn.Module):
             inputs = rewritten
         return inputs
 
+    def _transform_mixed(self, inputs: dict[str, Any], mixed: MixedBatch) -> dict[str, Any]:
+        model = self.base_model.model
+        prompts = [soft_prompt(model, name) for name in mixed.names]
+        unsupported = [n for n, p in zip(mixed.names, prompts, strict=True)
+                       if p is None and self._methods[n].transforms_inputs]
+        if unsupported:
+            raise PeftError(f"Adapters {unsupported} act on inputs without a soft prompt; their method does not "
+                            f"support mixed batches.")
+        if not any(prompts):
+            return inputs
+        batch = next(inputs[k].shape[0] for k in ("input_ids", "inputs_embeds") if inputs.get(k) is not None)
+        index = mixed.index_for(batch, model.get_input_embeddings().weight.device)
+        return rewrite_mixed(model, inputs, prompts, index, is_continuation(model, inputs))
+
     # --- adapters ----------------------------------------------------------------------------
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
         """Inject a new, inactive adapter; ``set_adapter`` activates it."""
         if adapter_name in self.peft_config:
             raise PeftError(f"An adapter named {adapter_name!r} exists already; delete it or pick another name.")
+        check_adapter_name(adapter_name)
         method = registry().method_for_config(peft_config)
         self._prepare_config(peft_config)
         hook = registry().hook
@@ -170,8 +230,13 @@ class PeftModel(nn.Module):
             extra = [m for m in self.TASK_MODULES_TO_SAVE if m not in (config.modules_to_save or [])]
             config.modules_to_save = [*(config.modules_to_save or []), *extra]
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make these adapters the active ones; only active adapters train (unless in inference mode)."""
+    def set_adapter(self, adapter_name: str | list[str] | Stack) -> None:
+        """Make these adapters the active ones, applied in this order (``stack(["task", "language"])`` or a
+        list); only active adapters train (unless in inference mode)."""
+        if isinstance(adapter_name, Stack):
+            if adapter_name.of_configs:
+                raise PeftError("set_adapter takes a stack of adapter names; add new adapters with add_adapter.")
+            adapter_name = list(adapter_name.names)
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -286,21 +351,39 @@ class PeftModel(nn.Module):
         self._merged.remove(name)
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None,
+        keep_unmergeable: bool = False,
     ) -> nn.Module:
         """Merge adapters (default: the active ones) and return the base model with no adapter modules.
 
-        ``modules_to_save`` are replaced by the active adapter's trained copy.
+        ``modules_to_save`` are replaced by the active adapter's trained copy. Soft prompts cannot be
+        merged: with one among the adapters this raises, unless ``keep_unmergeable=True``, which merges
+        the others and returns this ``PeftModel`` holding only the soft prompts.
         """
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
-        return self._strip(keep_trained_copies=True)
+        names = list(adapter_names or self.active_adapters)
+        unmergeable = [n for n in names if self._methods[n].transforms_inputs]
+        if unmergeable and not keep_unmergeable:
+            raise PeftError(
+                f"Adapters {unmergeable} act on the model's inputs (soft prompts) and cannot be merged into "
+                f"weights; merge_and_unload would drop them. Pass keep_unmergeable=True to merge the others and "
+                f"keep these on the returned PeftModel, or adapter_names=[...] to merge only the others."
+            )
+        self.merge_adapter([n for n in names if n not in unmergeable], safe_merge=safe_merge)
+        if not unmergeable:
+            return self._strip(keep_trained_copies=True)
+        self._strip(keep_trained_copies=True, keep_soft_prompts=True)
+        for name in [n for n in self.peft_config if n not in unmergeable]:
+            del self.peft_config[name], self._methods[name]
+        self._merged, self.active_adapters = [], unmergeable
+        self._apply_state()
+        return self
 
     def unload(self) -> nn.Module:
         """Return the base model as it was: adapters unmerged and removed, original modules back."""
         self.unmerge_adapter()
         return self._strip(keep_trained_copies=False)
 
-    def _strip(self, keep_trained_copies: bool) -> nn.Module:
+    def _strip(self, keep_trained_copies: bool, keep_soft_prompts: bool = False) -> nn.Module:
         model = self.base_model.model
         for name, module in self._peft_modules():
             if isinstance(module, AdapterLayer):
@@ -309,6 +392,8 @@ class PeftModel(nn.Module):
                 replace_module(model, name, module.modules_to_save[module.active_adapter])
             else:
                 replace_module(model, name, module.original_module)
+        if keep_soft_prompts:
+            return model
         detach_soft_prompts(model)
         if self._generation_hook is not None:
             self._generation_hook.remove()
@@ -339,25 +424,51 @@ class PeftModel(nn.Module):
     def save_pretrained(
         self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_ignored: Any
     ) -> None:
-        """Save adapters in the Hugging Face PEFT format: ``default`` at the top, others in subfolders."""
+        """Save adapters in the Hugging Face PEFT format: ``default`` at the top, others in subfolders.
+
+        With several adapters active (a stack), ``peft_stack.json`` at the top lists them in order, and
+        ``from_pretrained`` on the directory loads the whole stack.
+        """
         if os.path.isfile(save_directory):
             raise PeftError(f"{save_directory} is a file; save_pretrained needs a directory.")
-        for name in selected_adapters or list(self.peft_config):
+        names = selected_adapters or list(self.peft_config)
+        for name in names:
             config = self.peft_config[name]
-            directory = save_directory if name == "default" else os.path.join(save_directory, name)
             tensors = self._adapter_tensors(name, for_saving=True)
-            save_adapter(directory, config.to_json_string(inference_mode=True), tensors)
+            save_adapter(_member_directory(save_directory, name), config.to_json_string(inference_mode=True), tensors)
+        stacked = [n for n in self.active_adapters if n in names]
+        if len(stacked) > 1:
+            atomic_write_bytes(os.path.join(save_directory, MANIFEST_NAME), manifest_json(stacked).encode())
 
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
         is_trainable: bool = False, config: PeftConfig | None = None, **hub_kwargs: Any,
     ) -> PeftModel:
-        """Load a saved adapter (a directory or a Hub repo id) onto ``model``.
+        """Load a saved adapter, or a saved stack of them, (a directory or a Hub repo id) onto ``model``.
 
         ``hub_kwargs``: ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``.
         With ``is_trainable=False`` (the default) the adapter is frozen, for inference.
         """
+        manifest = None if config is not None else resolve_file(model_id, MANIFEST_NAME, required=False, **hub_kwargs)
+        if manifest is None:
+            return cls._from_one(model, model_id, adapter_name, is_trainable, config, hub_kwargs)
+        names = read_manifest(manifest)
+        peft_model = cls._from_one(model, model_id, names[0], is_trainable, None, _member_kwargs(names[0], hub_kwargs))
+        try:
+            for name in names[1:]:
+                peft_model.load_adapter(model_id, name, is_trainable, **_member_kwargs(name, hub_kwargs))
+        except Exception:
+            peft_model.unload()
+            raise
+        peft_model.set_adapter(names)
+        return peft_model
+
+    @classmethod
+    def _from_one(
+        cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool,
+        config: PeftConfig | None, hub_kwargs: dict[str, Any],
+    ) -> PeftModel:
         config = config or config_from_dict(read_config_dict(model_id, **hub_kwargs))
         # Built as for inference, which is the shape of what was saved (a soft prompt's final rows, not the
         # encoder that trained them); training continues from exactly those tensors.
@@ -465,6 +576,18 @@ TASK_MODELS: dict[str | None, type[PeftModel]] = {
 }
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> PeftModel:
-    """Wrap ``model`` with a new adapter; the class follows ``peft_config.task_type``."""
+def _member_directory(directory: str | os.PathLike, name: str) -> str:
+    return os.fspath(directory) if name == "default" else os.path.join(directory, name)
+
+
+def _member_kwargs(name: str, hub_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Where a stack member is: ``default`` at the top of the stack's folder, others in subfolders."""
+    if name == "default":
+        return hub_kwargs
+    parent = hub_kwargs.get("subfolder")
+    return {**hub_kwargs, "subfolder": f"{parent}/{name}" if parent else name}
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfig | Stack, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``model`` with a new adapter, or a ``stack([...])`` of them; the class follows the task type."""
     return TASK_MODELS.get(peft_config.task_type, PeftModel)(model, peft_config, adapter_name)

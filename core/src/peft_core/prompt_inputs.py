@@ -63,19 +63,19 @@ def prepend_embeddings(
     inputs = dict(inputs)
     if is_encoder_decoder(model):
         if inputs.get("encoder_outputs") is None:
-            n = _prepend_to_embeddings(model, inputs, prompt())
-            _prepend(inputs, "attention_mask", n, 1)
+            n = prepend_to_embeddings(model, inputs, prompt())
+            prepend_filled(inputs, "attention_mask", n, 1)
         return inputs
     if continuation:
         n = num_virtual_tokens
-        _prepend(inputs, "attention_mask", n, 1)
+        prepend_filled(inputs, "attention_mask", n, 1)
         _shift_positions(inputs, "position_ids", n, add_virtual=False)
         return inputs
-    n = _prepend_to_embeddings(model, inputs, prompt())
-    _prepend(inputs, "attention_mask", n, 1)
-    _prepend(inputs, "token_type_ids", n, 0)
+    n = prepend_to_embeddings(model, inputs, prompt())
+    prepend_filled(inputs, "attention_mask", n, 1)
+    prepend_filled(inputs, "token_type_ids", n, 0)
     if isinstance(inputs.get("labels"), torch.Tensor) and inputs["labels"].dim() == 2:
-        _prepend(inputs, "labels", n, IGNORE_INDEX)  # per-token labels; a classifier's are per sequence
+        prepend_filled(inputs, "labels", n, IGNORE_INDEX)  # per-token labels; a classifier's are per sequence
     _shift_positions(inputs, "position_ids", n, add_virtual=True)
     return inputs
 
@@ -101,25 +101,46 @@ def prepend_cache(
     n = num_virtual_tokens
     if not continuation:
         batch = _batch_size(inputs, decoder)
-        inputs[key] = _filled_cache(model, inputs.get(key), key_values(batch))
-    _prepend(inputs, "decoder_attention_mask" if decoder else "attention_mask", n, 1)
+        inputs[key] = filled_cache(model, inputs.get(key), key_values(batch))
+    prepend_filled(inputs, "decoder_attention_mask" if decoder else "attention_mask", n, 1)
     _shift_positions(inputs, "decoder_position_ids" if decoder else "position_ids", n, add_virtual=False)
     return inputs
 
 
-def _prepend_to_embeddings(model: nn.Module, inputs: dict[str, Any], prompt: torch.Tensor) -> int:
+def real_positions(inputs: dict[str, Any], batch: int, device: torch.device) -> torch.Tensor:
+    """The real tokens' position ids: as given, else counted over the attention mask (so left padding
+    does not count), else ``0..n-1``."""
+    if inputs.get("position_ids") is not None:
+        return inputs["position_ids"].expand(batch, -1)
+    mask = inputs.get("attention_mask")
+    if mask is not None:
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -sequence_length(inputs):]
+    return torch.arange(sequence_length(inputs), device=device).expand(batch, -1)
+
+
+def sequence_length(inputs: dict[str, Any]) -> int:
+    for name in ("input_ids", "inputs_embeds"):
+        if inputs.get(name) is not None:
+            return inputs[name].shape[1]
+    raise PeftError("A soft prompt needs input_ids or inputs_embeds to put its virtual tokens before.")
+
+
+def prepend_to_embeddings(model: nn.Module, inputs: dict[str, Any], prompt: torch.Tensor) -> int:
+    """Put ``prompt`` rows, ``(n, hidden)`` for all samples or ``(batch, n, hidden)``, before the inputs."""
     embeds = inputs.pop("inputs_embeds", None)
     input_ids = inputs.pop("input_ids", None)
     if embeds is None:
         if input_ids is None:
             raise PeftError("A soft prompt needs input_ids or inputs_embeds to put its virtual tokens before.")
         embeds = model.get_input_embeddings()(input_ids)
-    prompt = prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+    prompt = prompt.to(embeds.dtype)
+    if prompt.dim() == 2:
+        prompt = prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1)
     inputs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
     return prompt.shape[1]
 
 
-def _prepend(inputs: dict[str, Any], key: str, n: int, fill: int) -> None:
+def prepend_filled(inputs: dict[str, Any], key: str, n: int, fill: int) -> None:
     tensor = inputs.get(key)
     if tensor is None:
         return
@@ -151,7 +172,7 @@ def _batch_size(inputs: dict[str, Any], decoder: bool) -> int:
     raise PeftError(f"Cannot tell the batch size: the call has none of {', '.join(names)}.")
 
 
-def _filled_cache(model: nn.Module, cache: Any, key_values: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+def filled_cache(model: nn.Module, cache: Any, key_values: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
     """``cache`` (or a new one) holding the prefix; a cache that generation made is filled in place."""
     from transformers import DynamicCache, EncoderDecoderCache
 

@@ -18,8 +18,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from peft_core.errors import ConfigError
-from peft_core.prompt_inputs import prepend_cache, prepend_embeddings
+from peft_core.errors import ConfigError, PeftError
+from peft_core.prompt_inputs import (
+    IGNORE_INDEX,
+    cache_argument,
+    filled_cache,
+    is_encoder_decoder,
+    prepend_cache,
+    prepend_embeddings,
+    prepend_filled,
+    prepend_to_embeddings,
+    real_positions,
+    sequence_length,
+)
 
 if TYPE_CHECKING:
     from peft_core.config import PromptLearningConfig
@@ -42,10 +53,14 @@ class PrefixLayout:
     sources: tuple[int, ...]
 
     def key_values(self, rows: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        n = rows.shape[0]
-        blocks = rows.view(n, -1, 2, self.num_heads, self.head_dim).permute(1, 2, 3, 0, 4)
-        shape = (batch_size, self.num_heads, n, self.head_dim)
-        return [(blocks[s, 0].expand(shape), blocks[s, 1].expand(shape)) for s in self.sources]
+        """Per layer ``(key, value)``, each ``(batch, heads, n, head_dim)``, from ``(n, width)`` rows."""
+        return self.batched_key_values(rows.unsqueeze(0).expand(batch_size, *rows.shape))
+
+    def batched_key_values(self, rows: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The same from ``(batch, n, width)`` rows: a prefix per sample."""
+        batch, n = rows.shape[:2]
+        blocks = rows.reshape(batch, n, -1, 2, self.num_heads, self.head_dim).permute(2, 3, 0, 4, 1, 5)
+        return [(blocks[s, 0], blocks[s, 1]) for s in self.sources]
 
 
 class SoftPrompt(nn.Module):
@@ -96,6 +111,78 @@ class SoftPrompt(nn.Module):
         if self.encoder is None:
             return {SAVED_KEY: self.embedding.weight}
         return {ENCODER_KEY_PREFIX + name: param for name, param in self.named_parameters()}
+
+
+def rewrite_mixed(
+    model: nn.Module, inputs: dict[str, Any], prompts: Sequence[SoftPrompt | None], index: torch.Tensor,
+    continuation: bool,
+) -> dict[str, Any]:
+    """The inputs of one call of a decoder-only model where sample ``b`` gets ``prompts[index[b]]``
+    (``None``, or an index past the end: no virtual tokens).
+
+    Every sample gets room for the longest prefix and the longest prompt; each fills the end of that room
+    with its own tokens and masks the rest, and its positions count only its own tokens, so each sample
+    computes what it would alone.
+    """
+    if is_encoder_decoder(model):
+        raise PeftError(
+            "Mixed batches with soft prompts are supported on decoder-only models; for this encoder-decoder "
+            "model run the soft-prompt adapters one at a time (LoRA and IA3 mix on any model)."
+        )
+    inputs = dict(inputs)
+    slots = [*prompts, None]
+    embedded = [p if p is not None and p.prefix is None else None for p in slots]
+    prefixed = [p if p is not None and p.prefix is not None else None for p in slots]
+    room_prefix = max((p.num_virtual_tokens for p in prefixed if p is not None), default=0)
+    room_prompt = max((p.num_virtual_tokens for p in embedded if p is not None), default=0)
+    own_prefix, own_prompt = _lengths(prefixed, index), _lengths(embedded, index)
+    batch, key = index.shape[0], cache_argument(model)
+    mask = inputs.get("attention_mask")
+    if mask is None:  # all real tokens count, those already in the cache included
+        cached = inputs[key].get_seq_length() - room_prefix - room_prompt if continuation else 0
+        mask = torch.ones(batch, cached + sequence_length(inputs), dtype=torch.long, device=index.device)
+    positions = real_positions({**inputs, "attention_mask": mask}, batch, index.device)
+    positions = positions + (own_prefix + own_prompt)[:, None]
+    if not continuation and room_prompt:
+        rows = _left_padded([p and p()[: p.num_virtual_tokens] for p in embedded], room_prompt)[index]
+        prepend_to_embeddings(model, inputs, rows)
+        prepend_filled(inputs, "token_type_ids", room_prompt, 0)
+        if isinstance(inputs.get("labels"), torch.Tensor) and inputs["labels"].dim() == 2:
+            prepend_filled(inputs, "labels", room_prompt, IGNORE_INDEX)
+        virtual = torch.arange(room_prompt, device=index.device) - (room_prompt - own_prompt)[:, None]
+        positions = torch.cat([virtual.clamp(min=0), positions], dim=1)
+    if not continuation and room_prefix:
+        layer_rows = _left_padded([p and _prefix_rows(model, p) for p in prefixed], room_prefix)[index]
+        layout = next(p.prefix for p in prefixed if p is not None)
+        inputs[key] = filled_cache(model, inputs.get(key), layout.batched_key_values(layer_rows))
+    virtual_mask = torch.cat([_own_columns(room_prefix, own_prefix), _own_columns(room_prompt, own_prompt)], dim=1)
+    inputs["attention_mask"] = torch.cat([virtual_mask.to(mask.dtype), mask], dim=1)
+    inputs["position_ids"] = positions
+    return inputs
+
+
+def _lengths(prompts: Sequence[SoftPrompt | None], index: torch.Tensor) -> torch.Tensor:
+    lengths = torch.tensor([p.num_virtual_tokens if p is not None else 0 for p in prompts], device=index.device)
+    return lengths[index]
+
+
+def _own_columns(room: int, own: torch.Tensor) -> torch.Tensor:
+    """(batch, room): 1 in the last ``own[b]`` columns of row ``b``."""
+    return (torch.arange(room, device=own.device) >= (room - own)[:, None]).long()
+
+
+def _left_padded(rows: Sequence[torch.Tensor | None], room: int) -> torch.Tensor:
+    """The slots' rows stacked, ``(slots, room, ...)``, each at the end of zeros; zeros for ``None``."""
+    reference = next(r for r in rows if r is not None)
+    stacked = reference.new_zeros(len(rows), room, *reference.shape[1:])
+    for slot, slot_rows in enumerate(rows):
+        if slot_rows is not None:
+            stacked[slot, room - slot_rows.shape[0]:] = slot_rows
+    return stacked
+
+
+def _prefix_rows(model: nn.Module, prompt: SoftPrompt) -> torch.Tensor:
+    return prompt().to(model.get_input_embeddings().weight.dtype)
 
 
 def decoder_only_sources(num_layers: int) -> tuple[int, ...]:

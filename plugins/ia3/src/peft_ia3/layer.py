@@ -36,6 +36,22 @@ class IA3Adapter(Adapter):
         scale = self.ia3_l.view(self.BROADCAST_SHAPE)
         return target * (scale if scale.dtype == target.dtype else scale.to(target.dtype))
 
+    @classmethod
+    def forward_mixed(cls, adapters, index, x, out, cache):
+        """Each sample scaled by its own vector, gathered from the stacked vectors (ones: no adapter)."""
+        target = x if out is None else out
+        present = [a for a in adapters if a is not None]
+        scales = torch.ones(len(adapters) + 1, present[0].ia3_l.numel(), dtype=target.dtype, device=target.device)
+        for slot, adapter in enumerate(adapters):
+            if adapter is not None:
+                scales[slot] = adapter.ia3_l.reshape(-1)
+        per_sample = scales[index]  # (batch, channels)
+        if cls.BROADCAST_SHAPE == (-1,):  # channels last
+            per_sample = per_sample.view(target.shape[0], *[1] * (target.dim() - 2), -1)
+        else:  # (batch, channels, height, width)
+            per_sample = per_sample.view(target.shape[0], -1, 1, 1)
+        return target * per_sample
+
     def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
         return bias if self.acts_on == "input" else bias * self.ia3_l.view(-1).to(bias.dtype)
 

@@ -122,6 +122,18 @@ class LoraLinear(LoraAdapter):
         flat = torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, self.r), lora_b.t(), alpha=self.scaling)
         return flat.view(out.shape)
 
+    @classmethod
+    def forward_mixed(cls, adapters, index, x, out, cache):
+        """Each sample's own LoRA in two batched matmuls: its A and B (scaled, zero-padded to the largest
+        rank, zero for samples without one) gathered per sample."""
+        if any(a is not None and a.lora_magnitude_vector is not None for a in adapters):
+            return super().forward_mixed(adapters, index, x, out, cache)  # DoRA: one adapter at a time
+        down, up = _stacked_factors(adapters, cache)  # (slots + 1, in, r), (slots + 1, r, out)
+        batch = x.shape[0]
+        x3 = x.reshape(batch, -1, x.shape[-1]).to(down.dtype)
+        delta = torch.bmm(torch.bmm(x3, down[index]), up[index])  # (batch, tokens, out)
+        return out + delta.view(out.shape).to(out.dtype)
+
     def _dora_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         weight = self._from_layout(read_weight(self.base)).to(x.dtype)
         scale = self._magnitude_scale(weight + self.delta_weight()).view(-1)  # (out,)
@@ -141,6 +153,30 @@ class LoraLinear(LoraAdapter):
 
     def _to_layout(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.t() if self.transposed else weight
+
+
+def _stacked_factors(adapters, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A^T and scaling * B^T of every slot, stacked, plus a zero slot for samples without an adapter.
+
+    Rebuilt only when an adapter or one of its weights changed (a tensor's version counts its in-place
+    updates), so serving pays for the stacking once.
+    """
+    present = [a for a in adapters if a is not None]
+    key = tuple((id(a), a.lora_A.weight._version, a.lora_B.weight._version, a.scaling) if a is not None else None
+                for a in adapters)
+    if cache.get("key") != key:
+        rank = max(a.r for a in present)
+        reference = present[0].lora_A.weight
+        in_features, out_features = reference.shape[1], present[0].lora_B.weight.shape[0]
+        down = reference.new_zeros(len(adapters) + 1, in_features, rank)
+        up = reference.new_zeros(len(adapters) + 1, rank, out_features)
+        with torch.no_grad():
+            for slot, adapter in enumerate(adapters):
+                if adapter is not None:
+                    down[slot, :, : adapter.r] = adapter.lora_A.weight.t()
+                    up[slot, : adapter.r] = adapter.lora_B.weight.t() * adapter.scaling
+        cache.update(key=key, factors=(down, up))
+    return cache["factors"]
 
 
 class LoraConv2d(LoraAdapter):
