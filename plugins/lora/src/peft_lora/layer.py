@@ -130,9 +130,12 @@ class LoraLinear(LoraAdapter):
             return super().forward_mixed(adapters, index, x, out, cache)  # DoRA: one adapter at a time
         down, up = _stacked_factors(adapters, cache)  # (slots + 1, in, r), (slots + 1, r, out)
         batch = x.shape[0]
-        x3 = x.reshape(batch, -1, x.shape[-1]).to(down.dtype)
-        delta = torch.bmm(torch.bmm(x3, down[index]), up[index])  # (batch, tokens, out)
-        return out + delta.view(out.shape).to(out.dtype)
+        hidden = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(down.dtype), down[index])  # (batch, tokens, r)
+        if out.dtype != up.dtype or not out.is_contiguous():
+            return out + torch.bmm(hidden, up[index]).view(out.shape).to(out.dtype)
+        # Added into the base output inside the matmul: a separate add would cost a full pass over it.
+        out.view(batch, -1, out.shape[-1]).baddbmm_(hidden, up[index])
+        return out
 
     def _dora_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         weight = self._from_layout(read_weight(self.base)).to(x.dtype)
