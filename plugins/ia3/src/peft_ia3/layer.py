@@ -45,7 +45,7 @@ class IA3Adapter(Adapter):
         for slot, adapter in enumerate(adapters):
             if adapter is not None:
                 scales[slot] = adapter.ia3_l.reshape(-1)
-        per_sample = scales[index]  # (batch, channels)
+        per_sample = torch.index_select(scales, 0, index)  # (batch, channels)
         if cls.BROADCAST_SHAPE == (-1,):  # channels last
             per_sample = per_sample.view(target.shape[0], *[1] * (target.dim() - 2), -1)
         else:  # (batch, channels, height, width)

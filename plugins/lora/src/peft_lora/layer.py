@@ -130,11 +130,13 @@ class LoraLinear(LoraAdapter):
             return super().forward_mixed(adapters, index, x, out, cache)  # DoRA: one adapter at a time
         down, up = _stacked_factors(adapters, cache)  # (slots + 1, in, r), (slots + 1, r, out)
         batch = x.shape[0]
-        hidden = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(down.dtype), down[index])  # (batch, tokens, r)
+        # index_select, not down[index]: the same gather, several times faster on the CPU.
+        down, up = torch.index_select(down, 0, index), torch.index_select(up, 0, index)
+        hidden = torch.bmm(x.reshape(batch, -1, x.shape[-1]).to(down.dtype), down)  # (batch, tokens, r)
         if out.dtype != up.dtype or not out.is_contiguous():
-            return out + torch.bmm(hidden, up[index]).view(out.shape).to(out.dtype)
+            return out + torch.bmm(hidden, up).view(out.shape).to(out.dtype)
         # Added into the base output inside the matmul: a separate add would cost a full pass over it.
-        out.view(batch, -1, out.shape[-1]).baddbmm_(hidden, up[index])
+        out.view(batch, -1, out.shape[-1]).baddbmm_(hidden, up)
         return out
 
     def _dora_forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ Importing this module stays light: layers, and so torch, load when an adapter is
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from peft_core import Method, hookimpl
 
@@ -45,3 +45,17 @@ def peft_state_dict(model: nn.Module, config: object, adapter_name: str) -> dict
     from peft_core.defaults import adapter_state_dict, trained_bias_tensors
 
     return {**adapter_state_dict(model, adapter_name), **trained_bias_tensors(model, adapter_name, config.bias)}
+
+
+@hookimpl
+def peft_add_weighted_adapter(
+    peft_model: nn.Module, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str,
+    options: dict[str, Any],
+) -> bool | None:
+    """LoRA's ``add_weighted_adapter`` (QLoRA's too: a ``QLoraConfig`` is a ``LoraConfig``)."""
+    if not all(isinstance(peft_model.peft_config[name], LoraConfig) for name in adapters):
+        return None
+    from peft_lora.weighted import add_weighted_adapter
+
+    add_weighted_adapter(peft_model, adapters, weights, adapter_name, combination_type, options)
+    return True
