@@ -483,6 +483,14 @@ def setup_torch(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def report(figures: list[Figure], json_path: str | None, threads: int = 1) -> int:
+    """Print the table, write the JSON if asked; exit status 0 if every figure met its target."""
+    print_table(figures)
+    if json_path:
+        write_json(json_path, {"environment": environment(threads), "figures": [f.as_dict() for f in figures]})
+    return 0 if all(f.passed for f in figures) else 1
+
+
 def write_json(path: str, result: dict[str, Any]) -> None:
     with open(path, "w", encoding="utf-8") as out:
         json.dump(result, out, indent=2)

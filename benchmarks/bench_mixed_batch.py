@@ -21,15 +21,13 @@ from bench_lora import (
     LORA_KWARGS,
     Figure,
     base_factory,
-    environment,
     interleaved,
     lora_key,
     max_diff,
-    print_table,
+    report,
     setup_torch,
     timed,
     tiny_llama_config,
-    write_json,
 )
 
 ADAPTERS, BATCH, SEQ = 16, 32, 64
@@ -112,10 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         Figure("HF mixed batch vs base forward", times["theirs"], times["base"], float("inf"),
                theirs_label="base model", notes="for reference: HF PEFT's own overhead"),
     ]
-    print_table(figures)
-    if args.json:
-        write_json(args.json, {"environment": environment(1), "figures": [f.as_dict() for f in figures]})
-    return 0 if all(f.passed for f in figures) else 1
+    return report(figures, args.json)
 
 
 if __name__ == "__main__":

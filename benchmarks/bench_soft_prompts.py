@@ -22,15 +22,13 @@ from bench_lora import (
     Figure,
     base_factory,
     bench_training,
-    environment,
     inputs,
     interleaved,
     max_diff,
-    print_table,
+    report,
     setup_torch,
     timed,
     tiny_llama_config,
-    write_json,
 )
 
 VIRTUAL = 20
@@ -123,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         generation = bench_generation(ours, theirs, prompt_ids, max(3, reps.infer // 3), reps.warmup)
         generation.name = f"{method}: generate {NEW_TOKENS} tokens"
         figures += [train, generation]
-    print_table(figures)
-    if args.json:
-        write_json(args.json, {"environment": environment(1), "figures": [f.as_dict() for f in figures]})
-    return 0 if all(f.passed for f in figures) else 1
+    return report(figures, args.json)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from peft_core.testing.models import TinyConvNet
 from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,24 +23,6 @@ VOCAB = 128
 # The models are tiny: one thread is fastest, and several threads spin against each other on a busy
 # 2-core machine (a 64x128 matmul took 30 ms with 2 threads, 15 us with 1).
 torch.set_num_threads(1)
-
-
-class TinyConvNet(nn.Module):
-    """A custom (non-transformers) model: three Conv2d layers (3x3, strided 3x3, 1x1) and a Linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv2d(8, 6, kernel_size=3, stride=2, padding=1)
-        self.conv3 = nn.Conv2d(6, 6, kernel_size=1)
-        self.act = nn.ReLU()
-        self.head = nn.Linear(6 * 4 * 4, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, 3, 8, 8) -> (B, 5)
-        x = self.act(self.conv1(x))
-        x = self.act(self.conv2(x))
-        x = self.conv3(x)
-        return self.head(x.flatten(1))
 
 
 class TinyEmbeddingNet(nn.Module):

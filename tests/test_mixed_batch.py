@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import random
 
 import peft
@@ -165,3 +166,27 @@ def test_mixed_batches_are_for_inference_and_unmerged_adapters(served):
     served.merge_adapter(["lora-b"])
     with pytest.raises(PeftError, match=r"\['lora-b'\] are merged"):
         served(input_ids=input_ids, adapter_names=["lora-a", "ia3"])
+
+
+def test_switching_between_adapters_of_every_method_never_touches_the_base(served, tmp_path):
+    input_ids = batch()[0][:2]
+    base = {n: (p.data_ptr(), p.detach().clone()) for n, p in served.named_parameters()
+            if ".adapters." not in n and "peft_soft_prompts" not in n}
+    seen = {}
+    for name in ADAPTERS:
+        served.set_adapter(name)
+        seen[name] = alone_active(served, input_ids)[:, -6:]  # the real tokens' logits
+    served.save_pretrained(tmp_path, selected_adapters=["prefix", "ia3"])
+    served.delete_adapter("prefix")
+    served.load_adapter(tmp_path / "prefix", adapter_name="prefix")
+    served.set_adapter("prefix")
+    torch.testing.assert_close(alone_active(served, input_ids)[:, -6:], seen["prefix"])
+    with served.disable_adapter():
+        plain = alone_active(served, input_ids)
+    assert all((seen[a] - seen[b]).abs().max() > 1e-4 for a, b in itertools.pairwise(ADAPTERS))
+    for name, param in served.named_parameters():
+        if name in base:
+            assert param.data_ptr() == base[name][0] and torch.equal(param, base[name][1]), name
+    served.set_adapter("lora-a")
+    torch.testing.assert_close(alone_active(served, input_ids), seen["lora-a"])
+    assert (plain - seen["lora-a"]).abs().max() > 1e-4

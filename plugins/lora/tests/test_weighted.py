@@ -18,6 +18,7 @@ import pytest
 import torch
 from peft_core import ConfigError, PeftModel, get_peft_model
 from peft_core.testing import tiny_model
+from peft_core.testing.models import TinyConvNet
 from peft_lora import LoraConfig
 from peft_lora.weighted import majority_sign_mask, merge_tensors, prune_at_random, prune_by_magnitude
 from safetensors.torch import load_file
@@ -28,21 +29,6 @@ SEED = 3
 WEIGHTS = [0.7, -0.4, 1.2]
 # What HF peft warns when a file does not fit: unknown config keys, missing or unexpected weights.
 PROBLEM_MARKERS = ("unexpected", "missing", "mismatch", "ignoring", "does not support")
-
-
-class ConvNet(nn.Module):
-    """Three Conv2d layers (3x3, strided 3x3, 1x1) and a Linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, kernel_size=3, padding=1)
-        self.conv2 = nn.Conv2d(8, 6, kernel_size=3, stride=2, padding=1)
-        self.conv3 = nn.Conv2d(6, 6, kernel_size=1)
-        self.head = nn.Linear(6 * 4 * 4, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, 8, 8) -> (B, 5)
-        x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
-        return self.head(self.conv3(x).flatten(1))
 
 
 # Adapter sets by name: (model kind, {adapter name: HF LoraConfig arguments}), the first adapter first.
@@ -100,7 +86,7 @@ def make_base(tiny_model_dir) -> Callable[[str], nn.Module]:
     def make(kind: str) -> nn.Module:
         if kind == "conv":
             torch.manual_seed(0)
-            return ConvNet().eval()
+            return TinyConvNet().eval()
         return tiny_model(kind, tiny_model_dir(kind))
 
     return make
