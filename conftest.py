@@ -1,2 +1,1 @@
-# Fixtures shared by the tests of every package (tiny saved models, inputs).
-pytest_plugins = ["peft_core.testing.fixtures"]
+# The fixtures shared by every package's tests come from peft-core's pytest plugin (entry point pytest11).

@@ -72,8 +72,8 @@ def inject_adapters(model: nn.Module, config: LayerConfig, adapter_name: str, ta
             wrapper.train(base.training)
             wrapper.add(adapter_name, adapter)
             replace_module(model, name, wrapper)
-    wrap_modules_to_save(model, config.modules_to_save, adapter_name)
-    return [name for name, *_ in plan]
+    wrapped = wrap_modules_to_save(model, config.modules_to_save, adapter_name)
+    return [name for name, *_ in plan] + wrapped
 
 
 def wrap_modules_to_save(model: nn.Module, module_names: list[str] | None, adapter_name: str) -> list[str]:

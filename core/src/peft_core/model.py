@@ -72,6 +72,7 @@ class PeftModel(nn.Module):
         self.active_adapters: list[str] = [name for name, _ in new]  # active at once: add_adapter applies them
         self._methods: dict[str, Method] = {}
         self._merged: list[str] = []
+        self._injected: dict[str, list[str]] = {}  # adapter -> the module names its plugin reported
         self._disabled = False
         self._generation_hook: torch.utils.hooks.RemovableHandle | None = None
         model.requires_grad_(False)  # only what adapters add (and what they save) trains
@@ -208,7 +209,7 @@ class PeftModel(nn.Module):
             raise PeftError(f"An adapter named {adapter_name!r} exists already; delete it or pick another name.")
         check_adapter_name(adapter_name)
         method = registry().method_for_config(peft_config)
-        self._prepare_config(peft_config)
+        prepare_config(self.base_model.model, peft_config, type(self))
         hook = registry().hook
         hook.peft_quantize(model=self.base_model.model, config=peft_config)
         injected = hook.peft_inject(model=self.base_model.model, config=peft_config, adapter_name=adapter_name)
@@ -220,15 +221,12 @@ class PeftModel(nn.Module):
             )
         self.peft_config[adapter_name] = peft_config
         self._methods[adapter_name] = method
+        self._injected[adapter_name] = list(injected)
         self._apply_state()
 
-    def _prepare_config(self, config: PeftConfig) -> None:
-        model = self.base_model.model
-        if config.base_model_name_or_path is None:
-            config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        if self.TASK_MODULES_TO_SAVE and hasattr(config, "modules_to_save"):
-            extra = [m for m in self.TASK_MODULES_TO_SAVE if m not in (config.modules_to_save or [])]
-            config.modules_to_save = [*(config.modules_to_save or []), *extra]
+    def injected_modules(self, adapter_name: str) -> list[str]:
+        """The modules the adapter's plugin added or wrapped, as its ``peft_inject`` reported them."""
+        return list(self._injected[adapter_name])
 
     def set_adapter(self, adapter_name: str | list[str] | Stack) -> None:
         """Make these adapters the active ones, applied in this order (``stack(["task", "language"])`` or a
@@ -260,8 +258,7 @@ class PeftModel(nn.Module):
                 if not module.modules_to_save:
                     replace_module(self.base_model.model, name, module.original_module)
         detach_soft_prompts(self.base_model.model, [adapter_name])
-        del self.peft_config[adapter_name]
-        del self._methods[adapter_name]
+        del self.peft_config[adapter_name], self._methods[adapter_name], self._injected[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
         if not self.active_adapters and self.peft_config:
             self.active_adapters = [next(iter(self.peft_config))]
@@ -361,7 +358,7 @@ class PeftModel(nn.Module):
         the others and returns this ``PeftModel`` holding only the soft prompts.
         """
         names = list(adapter_names or self.active_adapters)
-        unmergeable = [n for n in names if self._methods[n].transforms_inputs]
+        unmergeable = [n for n in names if not self._methods[n].merges]
         if unmergeable and not keep_unmergeable:
             raise PeftError(
                 f"Adapters {unmergeable} act on the model's inputs (soft prompts) and cannot be merged into "
@@ -373,7 +370,7 @@ class PeftModel(nn.Module):
             return self._strip(keep_trained_copies=True)
         self._strip(keep_trained_copies=True, keep_soft_prompts=True)
         for name in [n for n in self.peft_config if n not in unmergeable]:
-            del self.peft_config[name], self._methods[name]
+            del self.peft_config[name], self._methods[name], self._injected[name]
         self._merged, self.active_adapters = [], unmergeable
         self._apply_state()
         return self
@@ -574,6 +571,17 @@ TASK_MODELS: dict[str | None, type[PeftModel]] = {
     "QUESTION_ANS": PeftModelForQuestionAnswering,
     "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
 }
+
+
+def prepare_config(model: nn.Module, config: PeftConfig, peft_model_class: type[PeftModel]) -> None:
+    """Complete ``config`` for ``model`` before quantization and injection: the base model's name, and the
+    task's trained heads (a classifier) among ``modules_to_save``."""
+    if config.base_model_name_or_path is None:
+        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    task_modules = peft_model_class.TASK_MODULES_TO_SAVE
+    if task_modules and hasattr(config, "modules_to_save"):
+        extra = [m for m in task_modules if m not in (config.modules_to_save or [])]
+        config.modules_to_save = [*(config.modules_to_save or []), *extra]
 
 
 def _member_directory(directory: str | os.PathLike, name: str) -> str:

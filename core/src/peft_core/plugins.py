@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from peft_core.config import PeftConfig
 
 ENTRY_POINT_GROUP = "peft_core"
+# The version of the plugin API (the hooks of peft_core.hookspecs and the classes they pass). A plugin
+# declares the version it was written for as a module attribute ``PEFT_CORE_API``; another is refused.
+API_VERSION = 1
 hookimpl = pluggy.HookimplMarker("peft_core")
 
 
@@ -31,17 +34,22 @@ class Method:
     ``peft_type`` is the string written to and read from ``adapter_config.json``; ``package`` and
     ``version`` name the distribution that registered it (filled in by the manager).
     ``transforms_inputs`` marks methods that act on the model's inputs through ``peft_forward``
-    (soft prompts) rather than on its layers. ``loads_adapters=False`` marks a method whose saved
-    adapters are another method's (QLoRA saves plain LoRA adapters): it is never chosen to read a file.
+    (soft prompts) rather than on its layers. ``merges=False`` marks methods whose adapters cannot be
+    folded into the base weights (soft prompts): ``merge_and_unload`` refuses to drop them silently.
+    ``loads_adapters=False`` marks a method whose saved adapters are another method's (QLoRA saves plain
+    LoRA adapters): it is never chosen to read a file. ``broken`` is the reason a plugin was refused, for
+    the entries :func:`methods` lists for refused plugins (their other fields are then unknown).
     """
 
     name: str
     peft_type: str
-    config_class: type[PeftConfig]
+    config_class: type[PeftConfig] | None
     transforms_inputs: bool = False
+    merges: bool = True
     loads_adapters: bool = True
     package: str | None = None
     version: str | None = None
+    broken: str | None = None
 
 
 def package_for_peft_type(peft_type: str) -> str:
@@ -57,6 +65,7 @@ class PluginRegistry:
         self.manager.add_hookspecs(hookspecs)
         self.methods: dict[str, Method] = {}
         self.broken: dict[str, str] = {}  # plugin name -> why it was refused
+        self.refused: list[Method] = []  # an entry per refused plugin, for methods()
         from peft_core import defaults
 
         self.manager.register(defaults, name="peft_core.defaults")
@@ -77,7 +86,12 @@ class PluginRegistry:
                 plugin = entry_point.load()
                 self.register(plugin, name=name, package=package, version=version)
             except Exception as exc:  # one broken plugin must not stop the others
-                self.broken[name] = f"{type(exc).__name__}: {exc}"
+                reason = str(exc) if isinstance(exc, PluginError) else f"{type(exc).__name__}: {exc}"
+                self.broken[name] = reason
+                self.refused.append(Method(
+                    name=entry_point.name, peft_type="", config_class=None, package=package, version=version,
+                    broken=reason,
+                ))
 
     def register(
         self, plugin: ModuleType | object, name: str | None = None, package: str | None = None,
@@ -94,12 +108,22 @@ class PluginRegistry:
         except pluggy.PluginValidationError as exc:
             raise PluginError(f"Plugin {label} is invalid: {exc}") from exc
         try:
+            self._check_api_version(plugin, label)
             self._check_hooks(plugin, label)
             new_methods = self._collect_methods(plugin, label, package, version)
         except Exception:
             self.manager.unregister(name=name)
             raise
         self.methods.update(new_methods)
+
+    def _check_api_version(self, plugin: object, label: str) -> None:
+        declared = getattr(plugin, "PEFT_CORE_API", API_VERSION)
+        if declared != API_VERSION:
+            raise PluginError(
+                f"Plugin {label} is written for version {declared!r} of peft-core's plugin API; this peft-core "
+                f"provides version {API_VERSION}. Install a release of {label} for API {API_VERSION}, or the "
+                f"peft-core release it was written for."
+            )
 
     def _check_hooks(self, plugin: object, label: str) -> None:
         for hook_caller in self.manager.get_hookcallers(plugin) or []:
@@ -177,8 +201,10 @@ def reset_registry() -> None:
 
 
 def methods() -> list[Method]:
-    """The methods of every installed and registered plugin, sorted by name."""
-    return sorted(registry().methods.values(), key=lambda m: m.name)
+    """The methods of every installed and registered plugin, sorted by name, then an entry for each
+    installed plugin that was refused (``broken`` says why)."""
+    found = registry()
+    return sorted(found.methods.values(), key=lambda m: m.name) + list(found.refused)
 
 
 def broken_plugins() -> dict[str, str]:

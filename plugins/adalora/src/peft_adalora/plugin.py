@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is written for
+
+
 @hookimpl
 def peft_register_methods(register) -> None:
     register(Method(name="adalora", peft_type="ADALORA", config_class=AdaLoraConfig))
@@ -25,13 +28,14 @@ def peft_register_methods(register) -> None:
 def peft_inject(model: nn.Module, config: object, adapter_name: str) -> list[str] | None:
     if not isinstance(config, AdaLoraConfig):
         return None
+    from peft_core.defaults import adapter_layers
     from peft_core.inject import inject_adapters
 
     from peft_adalora.allocator import RankAllocator, allocators
     from peft_adalora.layer import ADALORA_LAYERS
 
     names = inject_adapters(model, config, adapter_name, ADALORA_LAYERS)
-    layers = [(name, model.get_submodule(name)) for name in names]
+    layers = adapter_layers(model, adapter_name)
     # As for LoRA: the saved config records that GPT-2's Conv1D stores its weight transposed.
     config.fan_in_fan_out = config.fan_in_fan_out or any(
         layer.adapters[adapter_name].transposed for _, layer in layers

@@ -12,6 +12,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is written for
+
+
 @hookimpl
 def peft_register_methods(register) -> None:
     register(Method(name="ia3", peft_type="IA3", config_class=IA3Config))

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is written for
+
+
 @hookimpl
 def peft_register_methods(register) -> None:
     register(Method(name="lora", peft_type="LORA", config_class=LoraConfig))
@@ -25,6 +28,7 @@ def peft_register_methods(register) -> None:
 def peft_inject(model: nn.Module, config: object, adapter_name: str) -> list[str] | None:
     if not isinstance(config, LoraConfig):
         return None
+    from peft_core.defaults import adapter_layers
     from peft_core.inject import inject_adapters
 
     from peft_lora.layer import LORA_LAYERS
@@ -32,7 +36,7 @@ def peft_inject(model: nn.Module, config: object, adapter_name: str) -> list[str
     names = inject_adapters(model, config, adapter_name, LORA_LAYERS)
     # Hugging Face PEFT records that GPT-2's Conv1D stores its weight transposed; the saved config says so too.
     config.fan_in_fan_out = config.fan_in_fan_out or any(
-        getattr(model.get_submodule(name).adapters[adapter_name], "transposed", False) for name in names
+        getattr(layer.adapters[adapter_name], "transposed", False) for _, layer in adapter_layers(model, adapter_name)
     )
     return names
 

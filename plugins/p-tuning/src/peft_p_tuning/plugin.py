@@ -16,9 +16,15 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is written for
+
+
 @hookimpl
 def peft_register_methods(register) -> None:
-    register(Method(name="p-tuning", peft_type="P_TUNING", config_class=PromptEncoderConfig, transforms_inputs=True))
+    register(Method(
+        name="p-tuning", peft_type="P_TUNING", config_class=PromptEncoderConfig, transforms_inputs=True,
+        merges=False,
+    ))
 
 
 @hookimpl

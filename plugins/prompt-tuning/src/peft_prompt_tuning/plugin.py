@@ -16,10 +16,14 @@ if TYPE_CHECKING:
     from torch import nn
 
 
+PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is written for
+
+
 @hookimpl
 def peft_register_methods(register) -> None:
     register(Method(
-        name="prompt-tuning", peft_type="PROMPT_TUNING", config_class=PromptTuningConfig, transforms_inputs=True,
+        name="prompt-tuning", peft_type="PROMPT_TUNING", config_class=PromptTuningConfig,
+        transforms_inputs=True, merges=False,
     ))
 
 

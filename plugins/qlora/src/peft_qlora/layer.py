@@ -44,11 +44,12 @@ def _is_quantized(module: nn.Module, bnb: Any) -> bool:
 
 
 def quantize_model(model: nn.Module, config: QLoraConfig) -> nn.Module:
-    """Replace the model's ``nn.Linear`` layers by quantized ones, in place; return the model.
+    """Replace the model's ``nn.Linear`` (and GPT-2 ``Conv1D``) layers by quantized ones, in place; return
+    the model.
 
-    The output head and ``config.skip_modules`` stay in full precision. A model that is already
-    quantized (by this function or by transformers' ``BitsAndBytesConfig``) is left as it is, after
-    checking it has the number of bits the config asks for.
+    The output head, ``config.skip_modules`` and ``config.modules_to_save`` stay in full precision. A
+    model that is already quantized (by this function or by transformers' ``BitsAndBytesConfig``) is left as
+    it is, after checking it has the number of bits the config asks for.
     """
     bnb = import_bitsandbytes()
     already = {4 if isinstance(m, bnb.nn.Linear4bit) else 8 for m in model.modules() if _is_quantized(m, bnb)}
@@ -61,15 +62,31 @@ def quantize_model(model: nn.Module, config: QLoraConfig) -> nn.Module:
         return model
     head = output_head(model)
     dtype = getattr(torch, config.compute_dtype) if config.compute_dtype else None
+    # Modules trained in full (a classifier head) stay in full precision, as transformers keeps them.
+    keep = [*(config.skip_modules or []), *(config.modules_to_save or [])]
     for name, module in list(iter_modules(model)):
-        if type(module) is not nn.Linear or module is head:
-            continue
-        if config.skip_modules and matches(name, config.skip_modules):
+        linear = _as_linear(module)
+        if linear is None or module is head or (keep and matches(name, keep)):
             continue
         if module.weight.is_meta:
             raise ConfigError(f"'{name}' has no weights (it is on the meta device); load the model before quantizing.")
-        replace_module(model, name, quantize_linear(module, config, dtype or module.weight.dtype, bnb))
+        replace_module(model, name, quantize_linear(linear, config, dtype or module.weight.dtype, bnb))
     return model
+
+
+def _as_linear(module: nn.Module) -> nn.Linear | None:
+    """``module`` as an ``nn.Linear`` if it is one, or GPT-2's ``Conv1D`` (the same map, weight stored
+    transposed) turned into one; None for anything else."""
+    if type(module) is nn.Linear:
+        return module
+    if type(module).__name__ != "Conv1D" or not type(module).__module__.startswith("transformers"):
+        return None
+    in_features, out_features = module.weight.shape
+    linear = nn.Linear(in_features, out_features, bias=module.bias is not None, device="meta")
+    linear.weight = nn.Parameter(module.weight.detach().t().contiguous(), requires_grad=False)
+    if module.bias is not None:
+        linear.bias = nn.Parameter(module.bias.detach(), requires_grad=False)
+    return linear
 
 
 def quantize_linear(linear: nn.Linear, config: QLoraConfig, compute_dtype: torch.dtype, bnb: Any) -> nn.Module:

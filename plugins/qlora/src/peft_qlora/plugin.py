@@ -39,6 +39,9 @@ for _name in QUANTIZED_LINEAR:
     register_linear_like(_name)
 
 
+PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is written for
+
+
 @hookimpl
 def peft_register_methods(register) -> None:
     # QLoRA saves plain LoRA adapters: the lora plugin reads them, so this method never loads files.
