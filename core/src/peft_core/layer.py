@@ -65,20 +65,21 @@ class Adapter(nn.Module):
 
     @classmethod
     def forward_mixed(
-        cls, adapters: Sequence[Adapter | None], index: torch.Tensor, x: torch.Tensor,
+        cls, adapters: Sequence[Adapter], index: torch.Tensor, x: torch.Tensor,
         out: torch.Tensor | None, cache: dict[str, Any],
     ) -> torch.Tensor:
-        """Apply to each sample ``b`` the adapter ``adapters[index[b]]`` (``None``: leave it unchanged).
+        """Apply to each sample ``b`` the adapter ``adapters[index[b]]`` (``index[b] == len(adapters)``:
+        leave it unchanged).
 
-        ``adapters`` are this class's adapters of one layer, by slot; ``out`` is None for input
-        adapters. ``cache`` is the layer's own dict, kept across calls, for what a method derives from
-        its weights (stacked matrices). This default runs each adapter on its rows; methods override it
-        with one batched computation.
+        ``adapters`` are this class's adapters of one layer, the same list from call to call while the
+        layer's adapters do not change; ``out`` is None for input adapters. ``cache`` is the layer's own
+        dict, kept across calls, for what a method derives from its weights (stacked matrices). This
+        default runs each adapter on its rows; methods override it with one batched computation.
         """
         result = (x if out is None else out).clone()
         for slot, adapter in enumerate(adapters):
             rows = (index == slot).nonzero().flatten()
-            if adapter is None or rows.numel() == 0:
+            if rows.numel() == 0:
                 continue
             result[rows] = adapter(x[rows]) if out is None else adapter(x[rows], out[rows])
         return result
@@ -110,6 +111,7 @@ class AdapterLayer(nn.Module):
         self._input_adapters: tuple[Adapter, ...] = ()
         self._output_adapters: tuple[Adapter, ...] = ()
         self._mixed_caches: dict[str, dict[str, Any]] = {}  # per adapter class, for forward_mixed
+        self._mixed_groups: dict[tuple, list] = {}  # per slot assignment, see _by_class
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mixed = current_mixed_batch()
@@ -128,22 +130,41 @@ class AdapterLayer(nn.Module):
     def _forward_mixed(self, x: torch.Tensor, mixed: MixedBatch) -> torch.Tensor:
         # Each adapter class applies its adapters to their samples in one call; the classes go in the
         # order of the wrapper (inputs, base, outputs), as a sample's own adapter would alone.
-        slots = [self.adapters[n] if n in self.adapters and not self.disabled else None for n in mixed.names]
-        if not any(slots):
+        requested = [n if n in self.adapters and not self.disabled else None for n in mixed.names]
+        if not any(requested):
             return self.base_layer(x)
         index = mixed.index_for(x.shape[0], x.device)
         base_input = x
-        for cls, members in self._by_class(slots, "input"):
-            base_input = cls.forward_mixed(members, index, base_input, None, self._mixed_cache(cls))
+        for cls, members, slot_of in self._by_class(requested, "input"):
+            base_input = cls.forward_mixed(members, slot_of.to(index.device)[index], base_input, None,
+                                           self._mixed_cache(cls))
         out = self.base_layer(base_input)
-        for cls, members in self._by_class(slots, "output"):
-            out = cls.forward_mixed(members, index, x, out, self._mixed_cache(cls))
+        for cls, members, slot_of in self._by_class(requested, "output"):
+            out = cls.forward_mixed(members, slot_of.to(index.device)[index], x, out, self._mixed_cache(cls))
         return out
 
-    @staticmethod
-    def _by_class(slots: list[Adapter | None], acts_on: str) -> list[tuple[type[Adapter], list[Adapter | None]]]:
-        classes = dict.fromkeys(type(a) for a in slots if a is not None and a.acts_on == acts_on)
-        return [(cls, [a if type(a) is cls and a.acts_on == acts_on else None for a in slots]) for cls in classes]
+    def _by_class(
+        self, requested: list[str | None], acts_on: str
+    ) -> list[tuple[type[Adapter], list[Adapter], torch.Tensor]]:
+        """Per adapter class acting on ``acts_on``: all this layer's adapters of the class (a stable list,
+        so what a class derives from them is kept across calls), and a map from the call's slots (and the
+        base slot after them) to positions in that list, ``len(list)`` meaning none. Remembered per
+        assignment until the layer's adapters change, so generation steps do not redo it."""
+        key = (acts_on, *requested)
+        found = self._mixed_groups.get(key)
+        if found is not None:
+            return found
+        groups = []
+        for cls in dict.fromkeys(type(self.adapters[n]) for n in requested if n is not None):
+            members = [a for a in self.adapters.values() if type(a) is cls and a.acts_on == acts_on]
+            if not members:
+                continue
+            position = {id(a): i for i, a in enumerate(members)}
+            slot_of = [position.get(id(self.adapters[n]), len(members)) if n is not None else len(members)
+                       for n in requested]
+            groups.append((cls, members, torch.tensor([*slot_of, len(members)])))
+        self._mixed_groups[key] = groups
+        return groups
 
     def _mixed_cache(self, cls: type) -> dict[str, Any]:
         return self._mixed_caches.setdefault(cls.__qualname__, {})
@@ -183,6 +204,7 @@ class AdapterLayer(nn.Module):
         self._refresh()
 
     def _refresh(self) -> None:
+        self._mixed_groups = {}  # a new dict, not clear(): a call in another thread may be reading the old
         live = [] if self.disabled else [
             self.adapters[n] for n in self.active_adapters if n not in self.merged_adapters
         ]

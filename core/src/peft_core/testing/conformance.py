@@ -177,10 +177,10 @@ class MethodConformance:
         torch.testing.assert_close(outputs(model.merge_and_unload(), kind), adapted, **tolerance)
 
     def test_works_in_a_stack_with_lora(self, kind, tiny_model_dir, tmp_path):
-        from peft_lora import LoraConfig
-
+        # Found through the registry, as any method: the core never imports a plugin by name.
+        lora_config = registry().method_for_peft_type("LORA").config_class
         torch.manual_seed(0)
-        lora = LoraConfig(r=2, target_modules=LORA_TARGETS[kind], task_type=TASK_TYPES[kind])
+        lora = lora_config(r=2, target_modules=LORA_TARGETS[kind], task_type=TASK_TYPES[kind])
         # The method first: a quantizing method quantizes the base LoRA then adapts.
         model = get_peft_model(self.base(kind, tiny_model_dir), stack([self.config(kind), lora], names=["it", "lora"]))
         losses = train_steps(model, call_inputs(kind), steps=self.train_steps, lr=self.learning_rate)

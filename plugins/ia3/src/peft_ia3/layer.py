@@ -40,11 +40,9 @@ class IA3Adapter(Adapter):
     def forward_mixed(cls, adapters, index, x, out, cache):
         """Each sample scaled by its own vector, gathered from the stacked vectors (ones: no adapter)."""
         target = x if out is None else out
-        present = [a for a in adapters if a is not None]
-        scales = torch.ones(len(adapters) + 1, present[0].ia3_l.numel(), dtype=target.dtype, device=target.device)
+        scales = torch.ones(len(adapters) + 1, adapters[0].ia3_l.numel(), dtype=target.dtype, device=target.device)
         for slot, adapter in enumerate(adapters):
-            if adapter is not None:
-                scales[slot] = adapter.ia3_l.reshape(-1)
+            scales[slot] = adapter.ia3_l.reshape(-1)
         per_sample = torch.index_select(scales, 0, index)  # (batch, channels)
         if cls.BROADCAST_SHAPE == (-1,):  # channels last
             per_sample = per_sample.view(target.shape[0], *[1] * (target.dim() - 2), -1)

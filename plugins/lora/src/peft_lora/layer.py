@@ -126,7 +126,7 @@ class LoraLinear(LoraAdapter):
     def forward_mixed(cls, adapters, index, x, out, cache):
         """Each sample's own LoRA in two batched matmuls: its A and B (scaled, zero-padded to the largest
         rank, zero for samples without one) gathered per sample."""
-        if any(a is not None and a.lora_magnitude_vector is not None for a in adapters):
+        if any(a.lora_magnitude_vector is not None for a in adapters):
             return super().forward_mixed(adapters, index, x, out, cache)  # DoRA: one adapter at a time
         down, up = _stacked_factors(adapters, cache)  # (slots + 1, in, r), (slots + 1, r, out)
         batch = x.shape[0]
@@ -161,27 +161,27 @@ class LoraLinear(LoraAdapter):
 
 
 def _stacked_factors(adapters, cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """A^T and scaling * B^T of every slot, stacked, plus a zero slot for samples without an adapter.
+    """A^T and scaling * B^T of every adapter of the layer, stacked, plus a zero slot for samples without one.
 
     Rebuilt only when an adapter or one of its weights changed (a tensor's version counts its in-place
-    updates), so serving pays for the stacking once.
+    updates), so serving pays for the stacking once; it holds a copy of the layer's LoRA weights. The
+    entry is read and written whole, so concurrent calls never see each other's halves.
     """
-    present = [a for a in adapters if a is not None]
-    key = tuple((id(a), a.lora_A.weight._version, a.lora_B.weight._version, a.scaling) if a is not None else None
-                for a in adapters)
-    if cache.get("key") != key:
-        rank = max(a.r for a in present)
-        reference = present[0].lora_A.weight
-        in_features, out_features = reference.shape[1], present[0].lora_B.weight.shape[0]
-        down = reference.new_zeros(len(adapters) + 1, in_features, rank)
-        up = reference.new_zeros(len(adapters) + 1, rank, out_features)
-        with torch.no_grad():
-            for slot, adapter in enumerate(adapters):
-                if adapter is not None:
-                    down[slot, :, : adapter.r] = adapter.lora_A.weight.t()
-                    up[slot, : adapter.r] = adapter.lora_B.weight.t() * adapter.scaling
-        cache.update(key=key, factors=(down, up))
-    return cache["factors"]
+    key = tuple((id(a), a.lora_A.weight._version, a.lora_B.weight._version, a.scaling) for a in adapters)
+    entry = cache.get("stacked")
+    if entry is not None and entry[0] == key:
+        return entry[1]
+    rank = max(a.r for a in adapters)
+    reference = adapters[0].lora_A.weight
+    in_features, out_features = reference.shape[1], adapters[0].lora_B.weight.shape[0]
+    down = reference.new_zeros(len(adapters) + 1, in_features, rank)
+    up = reference.new_zeros(len(adapters) + 1, rank, out_features)
+    with torch.no_grad():
+        for slot, adapter in enumerate(adapters):
+            down[slot, :, : adapter.r] = adapter.lora_A.weight.t()
+            up[slot, : adapter.r] = adapter.lora_B.weight.t() * adapter.scaling
+    cache["stacked"] = (key, (down, up))
+    return down, up
 
 
 class LoraConv2d(LoraAdapter):
