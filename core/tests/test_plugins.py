@@ -83,6 +83,39 @@ def test_broken_plugin_is_reported_and_others_still_load(tmp_path, pip_target):
     assert any("boom" in why and "peft-broken" in name for name, why in peft_core.broken_plugins().items())
 
 
+def test_broken_plugin_is_listed_by_methods_with_its_reason(tmp_path, pip_target):
+    pip_target(_write_wheel(tmp_path, "peft-broken", "peft_broken", "raise ImportError('boom')\n", "peft_broken"))
+    broken = [m for m in peft_core.methods() if m.broken]
+    assert [(m.name, m.package, m.version) for m in broken] == [("peft_broken", "peft-broken", "1.2.3")]
+    assert "ImportError: boom" in broken[0].broken
+    assert next(m for m in peft_core.methods() if m.name == "lora").broken is None
+
+
+def test_plugin_for_another_api_version_is_refused_naming_its_distribution(tmp_path, pip_target):
+    source = "PEFT_CORE_API = 2\n" + textwrap.dedent(DUMMY_PLUGIN)
+    pip_target(_write_wheel(tmp_path, "peft-future", "peft_future", source, "peft_future"))
+    refused = next(m for m in peft_core.methods() if m.package == "peft-future")
+    assert "peft-future is written for version 2 of peft-core's plugin API" in refused.broken
+    assert "provides version 1" in refused.broken
+    assert "dummy" not in {m.name for m in peft_core.methods()}  # its method was not registered
+    assert "lora" in {m.name for m in peft_core.methods()}
+
+
+def test_plugin_declaring_the_current_api_version_loads(tmp_path, pip_target):
+    source = "PEFT_CORE_API = 1\n" + textwrap.dedent(DUMMY_PLUGIN)
+    pip_target(_write_wheel(tmp_path, "peft-current", "peft_current", source, "peft_current"))
+    assert next(m for m in peft_core.methods() if m.name == "dummy").broken is None
+
+
+def test_our_plugins_declare_the_api_version():
+    import importlib
+
+    for method in peft_core.methods():
+        if method.package and method.package.startswith("peft-") and method.broken is None:
+            module = importlib.import_module(method.config_class.__module__.split(".")[0] + ".plugin")
+            assert module.PEFT_CORE_API == peft_core.plugins.API_VERSION, method.package
+
+
 def test_duplicate_method_name_is_refused_naming_both_packages():
     fresh = PluginRegistry()
 
