@@ -437,6 +437,13 @@ class PeftModel(nn.Module):
         if len(stacked) > 1:
             atomic_write_bytes(os.path.join(save_directory, MANIFEST_NAME), manifest_json(stacked).encode())
 
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Upload the adapters (``save_pretrained``'s files) and a model card to a Hub repo; see
+        :func:`peft_core.hub.push_to_hub` for the options (``private``, ``commit_message``, ``token``, ...)."""
+        from peft_core.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
