@@ -237,6 +237,13 @@ class AdapterLayer(nn.Module):
     def merge(self, name: str) -> None:
         if name in self.merged_adapters or name not in self.adapters:
             return
+        weight = getattr(self.base_layer, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_meta:
+            raise PeftError(
+                f"Cannot merge adapter {name!r}: the base layer's weight is not in memory (on the meta device, "
+                f"e.g. offloaded by accelerate). Load the model without offloading to merge, or keep the adapter "
+                f"unmerged; unmerged adapters work on offloaded models."
+            )
         if not self.merged_adapters and not writes_exactly(self.base_layer):
             self._weight_before_merge = self.base_layer.weight
         with torch.no_grad():

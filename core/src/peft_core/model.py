@@ -503,6 +503,11 @@ class PeftModel(nn.Module):
             raise
         self._set_trainable(adapter_name, is_trainable)
 
+    def load_adapter_weights(self, directory: str | os.PathLike, adapter_name: str, **hub_kwargs: Any) -> None:
+        """Copy the weights saved for ``adapter_name`` (at the top of ``directory`` for ``default``, else in
+        its subfolder, as ``save_pretrained`` lays them out) into this model's existing adapter."""
+        self._load_weights(adapter_name, directory, _member_kwargs(adapter_name, hub_kwargs))
+
     def _set_trainable(self, adapter_name: str, trainable: bool) -> None:
         self.peft_config[adapter_name].inference_mode = not trainable
         self._apply_state()

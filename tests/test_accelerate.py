@@ -1,0 +1,54 @@
+"""accelerate: a training loop through Accelerator.prepare, and adapters on an offloaded model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import Accelerator, cpu_offload
+from peft_core import PeftError, get_peft_model
+from peft_core.testing import tiny_model
+from peft_lora import LoraConfig
+
+CONFIG = dict(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+
+
+def test_a_prepared_training_loop_trains_the_adapter(llama_dir):
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_model("llama", llama_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    rows = torch.randint(2, 128, (8, 8), generator=torch.Generator().manual_seed(1))
+    loader = torch.utils.data.DataLoader([{"input_ids": r, "labels": r} for r in rows], batch_size=4)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    accelerator = Accelerator(cpu=True)
+    prepared, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = []
+    for _ in range(3):
+        for batch in loader:
+            loss = prepared(**batch).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+    assert isinstance(accelerator.unwrap_model(prepared), type(model))
+
+
+def test_adapters_on_an_offloaded_model_keep_its_hooks(llama_dir):
+    reference = get_peft_model(tiny_model("llama", llama_dir), LoraConfig(**CONFIG)).eval()
+    offloaded = tiny_model("llama", llama_dir)
+    cpu_offload(offloaded, execution_device="cpu")  # weights on meta, moved in by a hook at each call
+    model = get_peft_model(offloaded, LoraConfig(**CONFIG)).eval()
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.base_layer.weight.is_meta and hasattr(q_proj.base_layer, "_hf_hook")
+    assert q_proj.adapters["default"].lora_A.weight.device.type == "cpu"  # the hook's execution device
+    with torch.no_grad():  # the same adapter weights in both, then the same outputs
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(dict(reference.named_parameters())[name])
+        ids = torch.tensor([[5, 6, 7, 8, 9]])
+        torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+    with pytest.raises(PeftError, match="not in memory .*offloaded by accelerate"):
+        model.merge_adapter()
+    assert not q_proj.merged_adapters and hasattr(q_proj.base_layer, "_hf_hook")
