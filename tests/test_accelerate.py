@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import safetensors.torch
 import torch
 from accelerate import Accelerator, cpu_offload
-from peft_core import PeftError, get_peft_model
+from peft_core import PeftError, PeftModel, get_peft_model
 from peft_core.testing import tiny_model
 from peft_lora import LoraConfig
 
@@ -52,3 +53,28 @@ def test_adapters_on_an_offloaded_model_keep_its_hooks(llama_dir):
     with pytest.raises(PeftError, match="not in memory .*offloaded by accelerate"):
         model.merge_adapter()
     assert not q_proj.merged_adapters and hasattr(q_proj.base_layer, "_hf_hook")
+
+
+def test_save_pretrained_takes_transformers_saving_arguments(llama_dir, tmp_path):
+    model = get_peft_model(tiny_model("llama", llama_dir), LoraConfig(**CONFIG))
+    model.save_pretrained(tmp_path / "not-main", is_main_process=False)
+    assert not (tmp_path / "not-main").exists()
+    # A state dict (as gathered from FSDP shards) supplies the values, under the model's parameter names.
+    gathered = {n: torch.full_like(p, 0.5) for n, p in model.named_parameters() if "lora_" in n}
+    model.save_pretrained(tmp_path / "gathered", state_dict=gathered)
+    loaded = PeftModel.from_pretrained(tiny_model("llama", llama_dir), tmp_path / "gathered")
+    assert all(torch.all(p == 0.5) for n, p in loaded.named_parameters() if "lora_" in n)
+
+
+def test_saved_keys_leave_out_the_modules_wrappers_insert(llama_dir, tmp_path):
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    model = get_peft_model(tiny_model("llama", llama_dir), LoraConfig(**CONFIG))
+    model.save_pretrained(tmp_path / "plain")
+    apply_activation_checkpointing(  # inserts _checkpoint_wrapped_module into every layer's path
+        model, check_fn=lambda m: type(m).__name__ == "LlamaDecoderLayer")
+    assert any("_checkpoint_wrapped_module" in n for n, _ in model.named_parameters())
+    model.save_pretrained(tmp_path / "wrapped")
+    plain = safetensors.torch.load_file(tmp_path / "plain" / "adapter_model.safetensors")
+    wrapped = safetensors.torch.load_file(tmp_path / "wrapped" / "adapter_model.safetensors")
+    assert wrapped.keys() == plain.keys()

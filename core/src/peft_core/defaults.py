@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from peft_core.errors import PeftError
 from peft_core.plugins import hookimpl
-from peft_core.walk import iter_modules
+from peft_core.walk import iter_modules, plain_name
 
 if TYPE_CHECKING:  # torch is imported on first use, so that plugin discovery stays light
     import torch
@@ -41,11 +41,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     for name, module in iter_modules(model):
         if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
             for key, tensor in module.adapters[adapter_name].saved_tensors().items():
-                tensors[f"{SAVED_PREFIX}{name}.{key}"] = tensor
+                tensors[f"{SAVED_PREFIX}{plain_name(name)}.{key}"] = tensor
         elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
             # Saved under the module's own path, as if it were not wrapped.
             for key, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                tensors[f"{SAVED_PREFIX}{name}.{key}"] = tensor
+                tensors[f"{SAVED_PREFIX}{plain_name(name)}.{key}"] = tensor
     return tensors
 
 

@@ -33,7 +33,7 @@ from peft_core.serialization import (
 )
 from peft_core.soft_prompt import detach_soft_prompts, rewrite_mixed, soft_prompt
 from peft_core.stacking import MANIFEST_NAME, Stack, check_adapter_name, manifest_json, read_manifest
-from peft_core.walk import is_checkpointing, iter_modules, replace_module
+from peft_core.walk import is_checkpointing, iter_modules, plain_name, replace_module
 
 # The PeftModel whose generate() runs in this thread (and context), if any.
 _generating: contextvars.ContextVar[PeftModel | None] = contextvars.ContextVar("peft_generating", default=None)
@@ -419,23 +419,39 @@ class PeftModel(nn.Module):
     # --- saving and loading ------------------------------------------------------------------
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None, **_ignored: Any
+        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+        is_main_process: bool = True, state_dict: dict[str, torch.Tensor] | None = None, **_ignored: Any,
     ) -> None:
         """Save adapters in the Hugging Face PEFT format: ``default`` at the top, others in subfolders.
 
         With several adapters active (a stack), ``peft_stack.json`` at the top lists them in order, and
-        ``from_pretrained`` on the directory loads the whole stack.
+        ``from_pretrained`` on the directory loads the whole stack. As in transformers, only the main
+        process writes (``is_main_process``), and ``state_dict`` (this model's, e.g. gathered from FSDP
+        shards) supplies the values of the adapter tensors instead of the live ones.
         """
+        if not is_main_process:
+            return
         if os.path.isfile(save_directory):
             raise PeftError(f"{save_directory} is a file; save_pretrained needs a directory.")
         names = selected_adapters or list(self.peft_config)
         for name in names:
             config = self.peft_config[name]
             tensors = self._adapter_tensors(name, for_saving=True)
+            if state_dict is not None:
+                tensors = self._values_from(state_dict, tensors)
             save_adapter(_member_directory(save_directory, name), config.to_json_string(inference_mode=True), tensors)
         stacked = [n for n in self.active_adapters if n in names]
         if len(stacked) > 1:
             atomic_write_bytes(os.path.join(save_directory, MANIFEST_NAME), manifest_json(stacked).encode())
+
+    def _values_from(
+        self, state_dict: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """``tensors`` with each live tensor replaced by its entry in ``state_dict`` (keyed by parameter
+        name, wrapper components ignored); derived tensors (a prompt encoder's output) stay as they are."""
+        by_name = {plain_name(k): v for k, v in state_dict.items()}
+        names = {id(t): plain_name(n) for n, t in [*self.named_parameters(), *self.named_buffers()]}
+        return {key: by_name.get(names.get(id(t), ""), t) for key, t in tensors.items()}
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Upload the adapters (``save_pretrained``'s files) and a model card to a Hub repo; see

@@ -49,6 +49,17 @@ def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.M
             yield from iter_modules(child, full)
 
 
+# Modules that wrappers (FSDP, activation checkpointing, torch.compile) insert into a model's paths. Saved
+# names leave them out, as the model's own state_dict does, so a file saved from a wrapped model loads into
+# a plain one.
+WRAPPER_COMPONENTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def plain_name(name: str) -> str:
+    """``name`` without the components that wrappers insert."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
+
+
 def matches(name: str, patterns: list[str] | str) -> bool:
     """A list matches a name equal to an entry or ending in ``.entry``; a string is a full-match regex."""
     if isinstance(patterns, str):
