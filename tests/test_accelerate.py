@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
 import safetensors.torch
 import torch
 from accelerate import Accelerator, cpu_offload
-from peft_core import PeftError, PeftModel, get_peft_model
+from peft_core import PeftModel, get_peft_model
 from peft_core.testing import tiny_model
 from peft_lora import LoraConfig
 
@@ -36,7 +35,7 @@ def test_a_prepared_training_loop_trains_the_adapter(llama_dir):
     assert isinstance(accelerator.unwrap_model(prepared), type(model))
 
 
-def test_adapters_on_an_offloaded_model_keep_its_hooks(llama_dir):
+def test_adapters_on_an_offloaded_model_keep_its_hooks_and_merge(llama_dir):
     reference = get_peft_model(tiny_model("llama", llama_dir), LoraConfig(**CONFIG)).eval()
     offloaded = tiny_model("llama", llama_dir)
     cpu_offload(offloaded, execution_device="cpu")  # weights on meta, moved in by a hook at each call
@@ -50,9 +49,18 @@ def test_adapters_on_an_offloaded_model_keep_its_hooks(llama_dir):
                 param.copy_(dict(reference.named_parameters())[name])
         ids = torch.tensor([[5, 6, 7, 8, 9]])
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits)
-    with pytest.raises(PeftError, match="not in memory .*offloaded by accelerate"):
-        model.merge_adapter()
-    assert not q_proj.merged_adapters and hasattr(q_proj.base_layer, "_hf_hook")
+        expected = reference(input_ids=ids).logits
+        base_logits = tiny_model("llama", llama_dir)(input_ids=ids).logits
+        model.merge_adapter()  # into the offload store: the weights come in, change, and go back out
+        assert q_proj.merged_adapters == ["default"] and q_proj.base_layer.weight.is_meta
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+        model.unmerge_adapter()
+        with model.disable_adapter():
+            torch.testing.assert_close(model(input_ids=ids).logits, base_logits, atol=1e-5, rtol=1e-4)
+        merged = model.merge_and_unload()
+        layer = merged.model.layers[0].self_attn.q_proj
+        assert type(layer) is torch.nn.Linear and hasattr(layer, "_hf_hook") and layer.weight.is_meta
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
 
 
 def test_save_pretrained_takes_transformers_saving_arguments(llama_dir, tmp_path):

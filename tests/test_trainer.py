@@ -127,3 +127,30 @@ def test_a_lora_layer_forward_has_no_graph_break(llama_dir):
     explanation = torch._dynamo.explain(layer)(torch.randn(2, 5, 64))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_trl_sft_trainer_trains_and_checkpoints_only_the_adapter(llama_dir, tmp_path):
+    import datasets
+    from peft_core.integrations.trl import PeftSFTTrainer
+    from peft_core.testing import tiny_tokenizer
+    from transformers import AutoTokenizer
+    from trl import SFTConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer(tmp_path / "tokenizer"))
+    tokenizer.eos_token = "w2"
+    model = lora_model(llama_dir)
+    texts = [" ".join(f"w{(i * 7 + j) % 120 + 3}" for j in range(8)) for i in range(16)]
+    args = SFTConfig(output_dir=str(tmp_path / "run"), max_steps=4, save_steps=2, per_device_train_batch_size=4,
+                     learning_rate=5e-2, report_to=[], use_cpu=True, max_length=16, logging_steps=1, bf16=False,
+                     disable_tqdm=True)
+    trainer = PeftSFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": texts}),
+                             processing_class=tokenizer)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    files = set(os.listdir(tmp_path / "run" / "checkpoint-4"))
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    reloaded = PeftModel.from_pretrained(tiny_model("llama", llama_dir), tmp_path / "run" / "checkpoint-4")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)

@@ -21,7 +21,7 @@ from torch import nn
 
 from peft_core.errors import PeftError
 from peft_core.mixed_batch import MixedBatch, current_mixed_batch
-from peft_core.weights import read_weight, write_weight, writes_exactly
+from peft_core.weights import read_weight, weights_in_memory, write_weight, writes_exactly
 
 
 def getattr_through(wrapper: nn.Module, name: str, inner: str) -> Any:
@@ -225,7 +225,7 @@ class AdapterLayer(nn.Module):
 
     def check_merge(self, name: str, where: str = "") -> None:
         """Raise if merging adapter ``name`` would put NaN or Inf into the base weight."""
-        with torch.no_grad():
+        with torch.no_grad(), weights_in_memory(self.base_layer):
             finite = torch.isfinite(self._merged_weight(name)).all()
         if not finite:
             raise PeftError(
@@ -237,16 +237,9 @@ class AdapterLayer(nn.Module):
     def merge(self, name: str) -> None:
         if name in self.merged_adapters or name not in self.adapters:
             return
-        weight = getattr(self.base_layer, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.is_meta:
-            raise PeftError(
-                f"Cannot merge adapter {name!r}: the base layer's weight is not in memory (on the meta device, "
-                f"e.g. offloaded by accelerate). Load the model without offloading to merge, or keep the adapter "
-                f"unmerged; unmerged adapters work on offloaded models."
-            )
         if not self.merged_adapters and not writes_exactly(self.base_layer):
             self._weight_before_merge = self.base_layer.weight
-        with torch.no_grad():
+        with torch.no_grad(), weights_in_memory(self.base_layer):
             write_weight(self.base_layer, self._merged_weight(name))
             self._map_bias(self.adapters[name].merged_bias)
         self.merged_adapters.append(name)
@@ -263,7 +256,7 @@ class AdapterLayer(nn.Module):
         # Merges do not commute for every method (scaling, DoRA): undo the later ones first, then
         # merge them again.
         later = self.merged_adapters[self.merged_adapters.index(name) + 1 :]
-        with torch.no_grad():
+        with torch.no_grad(), weights_in_memory(self.base_layer):
             weight = read_weight(self.base_layer)
             for other in [*reversed(later), name]:
                 weight = self.adapters[other].unmerged_weight(weight)

@@ -7,9 +7,11 @@ needs no torch import, so a plugin can register when it is discovered.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import TYPE_CHECKING
 
+from peft_core.errors import PeftError
 from peft_core.walk import qualified_names
 
 if TYPE_CHECKING:
@@ -63,3 +65,30 @@ def read_weight(layer: nn.Module) -> torch.Tensor:
 def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
     """Set the layer's weight from a dense tensor in its stored layout (quantizing it if need be)."""
     _weight_access(layer)[1](layer, weight)
+
+
+@contextlib.contextmanager
+def weights_in_memory(layer: nn.Module) -> Iterator[None]:
+    """Within the block, the weights of a layer that accelerate offloads (``cpu_offload``,
+    ``dispatch_model`` with offloading) are in memory; what the block changed is stored back in the offload
+    store, so that merging into an offloaded model lasts. Other layers are left as they are."""
+    hook = getattr(layer, "_hf_hook", None)
+    if hook is None or not getattr(hook, "offload", False):
+        yield
+        return
+    store = hook.weights_map
+    target, prefix = getattr(store, "dataset", store), getattr(store, "prefix", "")
+    if not isinstance(target, MutableMapping):
+        raise PeftError(
+            f"Cannot merge into {type(layer).__name__}: its weights are offloaded to disk, which accelerate reads "
+            f"but does not write. Offload to the CPU (cpu_offload) or load the model in memory to merge."
+        )
+    hook.pre_forward(layer)
+    try:
+        yield
+        for name, tensor in [*layer.named_parameters(recurse=False), *layer.named_buffers(recurse=False)]:
+            key = prefix + name
+            if key in target:
+                target[key] = tensor.detach().to(target[key].device)
+    finally:
+        hook.post_forward(layer, None)
