@@ -1,0 +1,128 @@
+"""``peft inspect``: what a saved adapter (or stack of adapters) is, without loading a model.
+
+It reads ``adapter_config.json`` as plain JSON, so an adapter of a method whose plugin is not installed
+can still be inspected, and the weights file only for tensor shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+# Config fields that say how big an adapter is, for the methods of this project and Hugging Face PEFT:
+# LoRA-like ranks and scales, AdaLoRA's budget, soft prompts' length.
+SIZE_FIELDS = (
+    "r", "lora_alpha", "rank_pattern", "alpha_pattern", "init_r", "target_r", "num_virtual_tokens",
+    "encoder_hidden_size",
+)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "inspect", help="describe a saved adapter or stack",
+        description="Describe a saved adapter: method, base model, task type, target modules, rank or number of "
+        "virtual tokens, parameter and tensor counts, file size, dtypes. PATH_OR_REPO is a directory written by "
+        "save_pretrained, a stack directory (peft_stack.json), or a Hugging Face Hub repo id.",
+    )
+    parser.add_argument("path", metavar="PATH_OR_REPO", help="adapter directory or Hub repo id")
+    parser.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    parser.add_argument("--subfolder", help="folder inside the directory or repo that holds the adapter")
+    parser.add_argument("--json", action="store_true", help="print a JSON object, for scripts")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def describe(path_or_repo: str, **hub_kwargs: Any) -> dict[str, Any]:
+    """A JSON-ready description of the adapter or stack at ``path_or_repo``.
+
+    A stack gives ``{"stack": [names], "members": [descriptions], ...totals}``.
+    """
+    from peft_core.serialization import resolve_file
+    from peft_core.stacking import MANIFEST_NAME, read_manifest
+
+    manifest = resolve_file(path_or_repo, MANIFEST_NAME, required=False, **hub_kwargs)
+    if manifest is None:
+        return describe_one(path_or_repo, **hub_kwargs)
+    from peft_core.model import _member_kwargs
+
+    names = read_manifest(manifest)
+    members = [{"name": name, **describe_one(path_or_repo, **_member_kwargs(name, hub_kwargs))} for name in names]
+    return {
+        "source": str(path_or_repo),
+        "stack": names,
+        "parameters": sum(m["parameters"] for m in members),
+        "tensors": sum(m["tensors"] for m in members),
+        "file_size": sum(m["file_size"] for m in members),
+        "members": members,
+    }
+
+
+def describe_one(path_or_repo: str, **hub_kwargs: Any) -> dict[str, Any]:
+    from peft_core.errors import AdapterLoadError
+    from peft_core.serialization import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_config_dict, read_weights, resolve_file
+
+    config = read_config_dict(path_or_repo, **hub_kwargs)
+    if not isinstance(config.get("peft_type"), str):
+        raise AdapterLoadError(f"{path_or_repo}: adapter_config.json has no peft_type; it is not an adapter config.")
+    tensors = read_weights(path_or_repo, **hub_kwargs)
+    # read_weights found one of the two files; the size reported is that file's.
+    file = resolve_file(path_or_repo, WEIGHTS_NAME, required=False, **hub_kwargs) or resolve_file(
+        path_or_repo, LEGACY_WEIGHTS_NAME, **hub_kwargs
+    )
+    # Ranks as the factors have them, which is what a pattern or a pruned AdaLoRA really left.
+    ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith("lora_A.weight") and t.dim() >= 1})
+    return {
+        "source": str(path_or_repo) if not hub_kwargs.get("subfolder") else f"{path_or_repo}/{hub_kwargs['subfolder']}",
+        "peft_type": config["peft_type"],
+        "base_model": config.get("base_model_name_or_path"),
+        "task_type": config.get("task_type"),
+        "target_modules": config.get("target_modules"),
+        **{field: config[field] for field in SIZE_FIELDS if config.get(field) not in (None, {}, [])},
+        "ranks_in_file": ranks,
+        "parameters": sum(t.numel() for t in tensors.values()),
+        "tensors": len(tensors),
+        "file": os.path.basename(file),
+        "file_size": os.path.getsize(file),
+        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _print_one(info: dict[str, Any], indent: str = "") -> None:
+    skip = {"source", "name", "file", "file_size", "parameters", "tensors"}
+    print(f"{indent}source:         {info['source']}")
+    for key, value in info.items():
+        if key in skip or value in (None, [], {}):
+            continue
+        shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+        shown = json.dumps(value) if isinstance(value, dict) else shown
+        print(f"{indent}{key + ':':<16}{shown}")
+    print(f"{indent}{'parameters:':<16}{info['parameters']:,}")
+    print(f"{indent}{'tensors:':<16}{info['tensors']}")
+    print(f"{indent}{'file:':<16}{info['file']} ({_size(info['file_size'])}, {info['file_size']} bytes)")
+
+
+def run(args: argparse.Namespace) -> int:
+    hub_kwargs = {k: v for k, v in (("revision", args.revision), ("subfolder", args.subfolder)) if v}
+    info = describe(args.path, **hub_kwargs)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    if "stack" not in info:
+        _print_one(info)
+        return 0
+    print(f"stack of {len(info['stack'])} adapters: {', '.join(info['stack'])}")
+    print(f"parameters:   {info['parameters']:,} in {info['tensors']} tensors, {_size(info['file_size'])}")
+    for member in info["members"]:
+        print(f"\n[{member['name']}]")
+        _print_one(member, indent="  ")
+    return 0
