@@ -85,6 +85,17 @@ def peft_forward(
     """
 
 
+@hookspec
+def peft_optimizer_step(model: nn.Module, config: PeftConfig, adapter_name: str, step: int) -> None:
+    """React to an optimizer step of a training loop peft-core runs (``peft train``).
+
+    Called after each ``optimizer.step()``, before gradients are zeroed, once per active adapter, with the
+    0-based index of the step. For methods whose training needs more than the optimizer (AdaLoRA's rank
+    allocator). Return nothing; implementations ignore configs that are not theirs. Loops written by users
+    call the method's own API instead (AdaLoRA: ``update_and_allocate`` or ``install_allocator``).
+    """
+
+
 # --- merging ----------------------------------------------------------------------------------
 
 

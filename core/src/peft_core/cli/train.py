@@ -365,12 +365,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{start}{options['method']} on {model_dir.name}: {trainable:,} of {total:,} parameters train; "
               f"{len(examples)} examples", file=sys.stderr)
 
-    after_optimizer_step = None
-    if config.peft_type == "ADALORA":
-        from peft_adalora import update_and_allocate
+    from peft_core.plugins import registry
 
-        def after_optimizer_step(step: int) -> None:
-            update_and_allocate(model, step - 1)  # it counts steps from 0
+    def after_optimizer_step(step: int) -> None:
+        # Methods that need more than the optimizer (AdaLoRA's rank allocator) act here, through their plugin.
+        for name in model.active_adapters:
+            registry().hook.peft_optimizer_step(
+                model=model.get_base_model(), config=model.peft_config[name], adapter_name=name, step=step - 1,
+            )
 
     result = training_run.train(
         model, examples, pad_id, settings, out, resume_from, on_step=STEP_HOOK,

@@ -71,3 +71,15 @@ def peft_state_dict(
             tensors[prefix + "lora_E"] = adapter.lora_E.detach()[keep]
             tensors[prefix + "lora_B"] = adapter.lora_B.detach()[:, keep]
     return tensors
+
+
+@hookimpl
+def peft_optimizer_step(model: nn.Module, config: object, adapter_name: str, step: int) -> None:
+    """peft-core's own training loops: allocate ranks after each optimizer step, as install_allocator does."""
+    if not isinstance(config, AdaLoraConfig) or config.inference_mode:
+        return
+    from peft_adalora.allocator import allocators
+
+    allocator = allocators(model).get(adapter_name)
+    if allocator is not None and allocator.attached():
+        allocator.step(step)
