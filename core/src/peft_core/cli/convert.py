@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +51,7 @@ def peft_to_diffusers(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """A saved LoRA's (config, tensors) as diffusers (tensors, metadata), as ``diffusers_lora_state_dict``
     would give them for the same adapter on its model."""
-    from peft_core.integrations.diffusers import _FACTOR_SUFFIXES, _SAVED_PREFIX, _exact, _pattern_value
+    from peft_core.integrations.diffusers import _FACTOR_SUFFIXES, _SAVED_PREFIX, _pattern_value
 
     if config.get("peft_type") != "LORA":
         raise PeftError(f"The diffusers LoRA format holds LoRA adapters; {source} is {config.get('peft_type')}.")
@@ -77,20 +76,12 @@ def peft_to_diffusers(
         # The same float operations as the LoRA layer's scaling, then diffusers_lora_state_dict's alpha.
         scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
         alphas[path] = float(scaling) * rank
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    fields = {
-        "r": r,
-        "lora_alpha": alpha,
-        "rank_pattern": {_exact(p): v for p, v in ranks.items() if v != r},
-        "alpha_pattern": {_exact(p): v for p, v in alphas.items() if v != alpha},
-        "target_modules": sorted(ranks),
-        "lora_dropout": float(config.get("lora_dropout") or 0.0),
-        "use_dora": bool(config.get("use_dora", False)),
-        "use_rslora": False,
-        "lora_bias": False,
-    }
-    return out, {f"{component}.{k}": v for k, v in fields.items()}
+    from peft_core.integrations.diffusers import lora_metadata
+
+    metadata = lora_metadata(
+        component, ranks, alphas, float(config.get("lora_dropout") or 0.0), bool(config.get("use_dora", False))
+    )
+    return out, metadata
 
 
 def to_diffusers(src: str, dst: str, component: str = "unet", force: bool = False) -> str:

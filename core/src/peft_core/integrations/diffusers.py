@@ -88,6 +88,17 @@ def diffusers_lora_state_dict(
         alphas[path] = float(adapter.scaling) * adapter.r
     if not ranks:
         raise PeftError(f"Adapter {name!r} adapts no layer; there is nothing to write in the diffusers format.")
+    metadata = lora_metadata(
+        component, ranks, alphas, float(getattr(config, "lora_dropout", 0.0)), bool(getattr(config, "use_dora", False))
+    )
+    return tensors, metadata
+
+
+def lora_metadata(
+    component: str, ranks: dict[str, int], alphas: dict[str, float], lora_dropout: float, use_dora: bool
+) -> dict[str, Any]:
+    """The ``lora_adapter_metadata`` fields diffusers passes to its LoRA config, for each module's rank and
+    alpha (alpha / rank being that module's scaling): the commonest values, and patterns for the others."""
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     fields = {
@@ -97,12 +108,12 @@ def diffusers_lora_state_dict(
         "rank_pattern": {_exact(p): v for p, v in ranks.items() if v != r},
         "alpha_pattern": {_exact(p): v for p, v in alphas.items() if v != alpha},
         "target_modules": sorted(ranks),
-        "lora_dropout": float(getattr(config, "lora_dropout", 0.0)),
-        "use_dora": bool(getattr(config, "use_dora", False)),
+        "lora_dropout": lora_dropout,
+        "use_dora": use_dora,
         "use_rslora": False,  # already folded into the per-module alphas
         "lora_bias": False,
     }
-    return tensors, {f"{component}.{k}": v for k, v in fields.items()}
+    return {f"{component}.{k}": v for k, v in fields.items()}
 
 
 def save_diffusers_lora(
