@@ -154,3 +154,20 @@ def test_trl_sft_trainer_trains_and_checkpoints_only_the_adapter(llama_dir, tmp_
     ids = torch.tensor([[5, 6, 7, 8]])
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def test_a_plain_trainer_trains_and_evaluates_a_peft_model(llama_dir, tmp_path):
+    """Without PeftTrainer checkpoints hold the whole model's state dict, but training and evaluation work:
+    the wrapper's forward names the usual inputs, so the Trainer keeps the dataset's columns and labels."""
+    from transformers import Trainer
+
+    model = lora_model(llama_dir)
+    before = adapter_weights(model)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainer = Trainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=TokenDataset(12, 0),
+                      eval_dataset=TokenDataset(4, 9))
+    first = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    assert trainer.evaluate()["eval_loss"] < first
+    assert all(not torch.equal(v, before[k]) for k, v in adapter_weights(model).items() if "lora_B" in k)
+    assert all(torch.equal(p, base_before[n]) for n, p in model.named_parameters() if n in base_before)

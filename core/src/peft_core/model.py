@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -599,6 +600,25 @@ TASK_MODELS: dict[str | None, type[PeftModel]] = {
     "QUESTION_ANS": PeftModelForQuestionAnswering,
     "FEATURE_EXTRACTION": PeftModelForFeatureExtraction,
 }
+
+
+def _forward_signature() -> inspect.Signature:
+    """The inputs transformers models commonly take, named, then ``adapter_names`` and ``**kwargs``.
+
+    ``forward`` takes any keywords; tools that read its signature to decide which inputs to pass (the
+    ``Trainer`` drops dataset columns a model's forward does not name) see these.
+    """
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    names = ("input_ids", "attention_mask", "inputs_embeds", "labels", "position_ids", "token_type_ids",
+             "decoder_input_ids", "decoder_attention_mask", "pixel_values", "adapter_names")
+    return inspect.Signature([
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *(inspect.Parameter(name, keyword, default=None) for name in names),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ])
+
+
+PeftModel.forward.__signature__ = _forward_signature()
 
 
 def prepare_config(model: nn.Module, config: PeftConfig, peft_model_class: type[PeftModel]) -> None:
