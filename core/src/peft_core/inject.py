@@ -76,6 +76,16 @@ def inject_adapters(model: nn.Module, config: LayerConfig, adapter_name: str, ta
     return [name for name, *_ in plan] + wrapped
 
 
+def record_transposed_layout(model: nn.Module, config: LayerConfig, adapter_name: str) -> None:
+    """Set ``config.fan_in_fan_out`` when the adapter sits on a layer storing its weight transposed (GPT-2's
+    ``Conv1D``): Hugging Face PEFT records that in the saved config, so ours says so too."""
+    from peft_core.defaults import adapter_layers
+
+    config.fan_in_fan_out = config.fan_in_fan_out or any(
+        getattr(layer.adapters[adapter_name], "transposed", False) for _, layer in adapter_layers(model, adapter_name)
+    )
+
+
 def wrap_modules_to_save(model: nn.Module, module_names: list[str] | None, adapter_name: str) -> list[str]:
     """Give each module named in ``module_names`` a trainable copy for ``adapter_name``."""
     if not module_names:

@@ -29,17 +29,14 @@ def peft_inject(model: nn.Module, config: object, adapter_name: str) -> list[str
     if not isinstance(config, AdaLoraConfig):
         return None
     from peft_core.defaults import adapter_layers
-    from peft_core.inject import inject_adapters
+    from peft_core.inject import inject_adapters, record_transposed_layout
 
     from peft_adalora.allocator import RankAllocator, allocators
     from peft_adalora.layer import ADALORA_LAYERS
 
     names = inject_adapters(model, config, adapter_name, ADALORA_LAYERS)
+    record_transposed_layout(model, config, adapter_name)
     layers = adapter_layers(model, adapter_name)
-    # As for LoRA: the saved config records that GPT-2's Conv1D stores its weight transposed.
-    config.fan_in_fan_out = config.fan_in_fan_out or any(
-        layer.adapters[adapter_name].transposed for _, layer in layers
-    )
     allocators(model)[adapter_name] = RankAllocator(config, adapter_name, layers)
     return names
 

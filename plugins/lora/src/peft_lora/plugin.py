@@ -28,16 +28,12 @@ def peft_register_methods(register) -> None:
 def peft_inject(model: nn.Module, config: object, adapter_name: str) -> list[str] | None:
     if not isinstance(config, LoraConfig):
         return None
-    from peft_core.defaults import adapter_layers
-    from peft_core.inject import inject_adapters
+    from peft_core.inject import inject_adapters, record_transposed_layout
 
     from peft_lora.layer import LORA_LAYERS
 
     names = inject_adapters(model, config, adapter_name, LORA_LAYERS)
-    # Hugging Face PEFT records that GPT-2's Conv1D stores its weight transposed; the saved config says so too.
-    config.fan_in_fan_out = config.fan_in_fan_out or any(
-        getattr(layer.adapters[adapter_name], "transposed", False) for _, layer in adapter_layers(model, adapter_name)
-    )
+    record_transposed_layout(model, config, adapter_name)
     return names
 
 
