@@ -108,6 +108,17 @@ def test_inspect_json_matches_the_saved_adapter(capsys, adapter_dir):
     assert info["base_model"] == read_config_dict(adapter_dir)["base_model_name_or_path"]
 
 
+def test_inspect_reads_a_legacy_bin_only_when_allowed(capsys, adapter_dir):
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    (adapter_dir / "adapter_model.safetensors").unlink()
+    torch.save(tensors, adapter_dir / "adapter_model.bin")
+    capsys.readouterr()
+    code, _, err = _run(capsys, "inspect", str(adapter_dir), "--json")
+    assert code == 1 and "--allow-legacy-bin" in _one_line_error(err, "inspect")
+    code, out, _ = _run(capsys, "inspect", str(adapter_dir), "--json", "--allow-legacy-bin")
+    assert code == 0 and json.loads(out)["parameters"] == sum(t.numel() for t in tensors.values())
+
+
 def test_inspect_text_output(capsys, adapter_dir):
     code, out, _ = _run(capsys, "inspect", str(adapter_dir))
     assert code == 0

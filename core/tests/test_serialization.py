@@ -121,19 +121,28 @@ def test_missing_directory_and_bad_json(llama, tmp_path):
         PeftModel.from_pretrained(llama, tmp_path)
 
 
-def test_legacy_bin_loads_tensors_but_never_code(llama, llama_dir, tmp_path, input_ids):
+def test_legacy_bin_is_refused_unless_opted_in_and_then_loads_tensors_but_never_code(
+    llama, llama_dir, tmp_path, input_ids
+):
     model = trained_scale_model(llama)
     expected = logits(model, input_ids)
     model.save_pretrained(tmp_path)
     weights = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors")
     (tmp_path / "adapter_model.safetensors").unlink()
     torch.save(weights, tmp_path / "adapter_model.bin")
-    loaded = PeftModel.from_pretrained(tiny_model("llama", llama_dir), tmp_path)
+    fresh = tiny_model("llama", llama_dir)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(AdapterLoadError, match="pickle file.*allow_legacy_bin=True"):
+        PeftModel.from_pretrained(fresh, tmp_path)
+    assert not any(isinstance(m, AdapterLayer) for m in fresh.modules())
+    torch.testing.assert_close(fresh.state_dict(), before, rtol=0, atol=0)
+
+    loaded = PeftModel.from_pretrained(tiny_model("llama", llama_dir), tmp_path, allow_legacy_bin=True)
     torch.testing.assert_close(logits(loaded, input_ids), expected)
 
     torch.save({"x": Path("/etc/passwd")}, tmp_path / "adapter_model.bin")  # a pickled object, not a tensor
     with pytest.raises(AdapterLoadError, match="never pickled code"):
-        PeftModel.from_pretrained(tiny_model("llama", llama_dir), tmp_path)
+        PeftModel.from_pretrained(tiny_model("llama", llama_dir), tmp_path, allow_legacy_bin=True)
 
 
 def _populate_hub_cache(cache: Path, repo: str, revision: str, files: dict[str, Path]) -> None:

@@ -34,6 +34,8 @@ _LAZY = {
     "LayerTable": "peft_core.inject",
     "inject_adapters": "peft_core.inject",
     "find_target_modules": "peft_core.walk",
+    "ServingModel": "peft_core.serving",
+    "ReadWriteLock": "peft_core.serving",
 }
 
 __all__ = [

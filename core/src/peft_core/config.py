@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from peft_core.errors import ConfigError
+from peft_core.field_types import check_field_types
 
 TASK_TYPES = (
     "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION",
@@ -33,6 +36,12 @@ class PeftConfig:
     inference_mode: bool = False
 
     def __post_init__(self) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Type-check every field, then :meth:`validate` the values; run when the config is built and again
+        when an adapter is added, since fields may have been set in between."""
+        check_field_types(self)  # first, so validate() compares numbers with numbers
         self.validate()
 
     @property
@@ -102,10 +111,31 @@ def config_from_dict(data: dict[str, Any]) -> PeftConfig:
     """Build the config of whichever installed method reads ``data['peft_type']``."""
     from peft_core.plugins import registry
 
+    if not isinstance(data, dict):
+        raise ConfigError(f"An adapter config is a JSON object (a dict), not {type(data).__name__}.")
     if "peft_type" not in data:
         raise ConfigError("The adapter config has no 'peft_type'; it is not a PEFT adapter config.")
+    if not isinstance(data["peft_type"], str):
+        raise ConfigError(f"peft_type must be a string such as 'LORA', not {data['peft_type']!r}.")
     method = registry().method_for_peft_type(data["peft_type"])
     return method.config_class.from_dict(data)
+
+
+def check_regex(what: str, pattern: str, used_as: str = "{}") -> None:
+    """Raise :class:`ConfigError` if ``pattern`` (``what``, e.g. ``LoraConfig.target_modules``), put in place
+    of ``{}`` in ``used_as`` (the regex it becomes part of), does not compile."""
+    try:
+        re.compile(used_as.replace("{}", pattern))
+    except re.error as exc:
+        raise ConfigError(
+            f"{what} {pattern!r} is not a valid regular expression ({exc.msg}); escape special characters "
+            f"(re.escape) or give a list of module names instead."
+        ) from None
+
+
+def check_finite(owner: str, name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{owner}.{name} must be a finite number, not {value!r}.")
 
 
 @dataclass
@@ -132,14 +162,17 @@ class LayerConfig(PeftConfig):
 
     def validate(self) -> None:
         super().validate()
+        owner = type(self).__name__
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
-                setattr(self, name, sorted(value))
-            elif value is not None and not isinstance(value, (str, list)):
-                raise ConfigError(f"{name} must be a list of names, a regex string or None, not {value!r}.")
+            if isinstance(value, str) and value != "all-linear":
+                check_regex(f"{owner}.{name}", value)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
+        if any(index < 0 for index in self.layers_to_transform or []):
+            raise ConfigError(
+                f"{owner}.layers_to_transform takes block indices (>= 0), not {self.layers_to_transform}."
+            )
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ConfigError("layers_pattern only has an effect with layers_to_transform; set both.")
         if self.layers_to_transform is not None and isinstance(self.target_modules, str) \
@@ -191,12 +224,39 @@ class PromptLearningConfig(PeftConfig):
         return self.num_virtual_tokens * (self.num_transformer_submodules or 1)
 
     def complete_from(self, model: Any) -> None:
-        """Fill the model-shape fields left as None from ``model.config`` (a transformers config)."""
-        from peft_core.model_shape import model_shape
+        """Fill the model-shape fields left as None from ``model.config`` (a transformers config), and
+        refuse fields that do not fit the model, before the prompt is allocated."""
+        from peft_core.allocation import check_allocation
+        from peft_core.model_shape import max_positions, model_shape
 
         shape = model_shape(model)
+        name = type(self).__name__
+        for field_name, actual in (("token_dim", self.model_token_dim(shape)), ("num_layers", shape.num_layers)):
+            saved = getattr(self, field_name)
+            if saved is not None and saved != actual:
+                raise ConfigError(
+                    f"{name}.{field_name} is {saved}, but {type(model).__name__} has {actual}: the adapter was made "
+                    f"for a model of another shape. Load it into the base model it was trained on."
+                )
         if self.num_transformer_submodules is None:
             self.num_transformer_submodules = 2 if self.task_type == "SEQ_2_SEQ_LM" else 1
         self.num_layers = self.num_layers or shape.num_layers
-        self.token_dim = self.token_dim or shape.hidden_size
+        self.token_dim = self.token_dim or self.model_token_dim(shape)
         self.num_attention_heads = self.num_attention_heads or shape.num_attention_heads
+        positions = max_positions(model)
+        if positions is not None and self.num_virtual_tokens >= positions:
+            raise ConfigError(
+                f"{name}.num_virtual_tokens is {self.num_virtual_tokens}, but {type(model).__name__} takes at most "
+                f"{positions} positions, which must hold the virtual tokens and the input. Use fewer virtual tokens."
+            )
+        check_allocation(self.parameter_count(), f"{name} with num_virtual_tokens={self.num_virtual_tokens}",
+                         "lower num_virtual_tokens (or the encoder's size).")
+
+    def model_token_dim(self, shape: Any) -> int:
+        """The width of a virtual token for a model of this ``ModelShape``: its hidden size."""
+        return shape.hidden_size
+
+    def parameter_count(self) -> int:
+        """How many values the prompt's weights hold (once ``complete_from`` filled the shape); methods
+        with an encoder or per-layer prefixes override it."""
+        return self.total_virtual_tokens * self.token_dim

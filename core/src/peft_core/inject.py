@@ -44,7 +44,7 @@ def inject_adapters(model: nn.Module, config: LayerConfig, adapter_name: str, ta
     """Wrap every layer ``config`` targets and add one adapter built by ``table`` to it.
 
     Returns the names of the adapted modules. Raises :class:`ConfigError` before changing anything
-    if a target is a layer type the method cannot adapt.
+    if a target is a layer type the method cannot adapt, or if its factory refuses a layer.
     """
     plan = []
     for name, module in find_target_modules(model, config):
@@ -59,12 +59,17 @@ def inject_adapters(model: nn.Module, config: LayerConfig, adapter_name: str, ta
             raise ConfigError(f"'{name}' already has an adapter named {adapter_name!r}; pick another name.")
         plan.append((name, module, base, factory))
 
+    # Every adapter is built before any is attached: a factory that refuses a layer (or runs out of
+    # memory) leaves the model as it was.
+    built = []
     for name, module, base, factory in plan:
         device, dtype = adapter_placement(base)
         with torch.device(device):  # on 'meta' this allocates and initialises nothing
             adapter = factory(base, config, adapter_name, name)
         adapter.to(dtype=dtype)
         adapter.train(base.training)  # new modules start in training mode; follow the model's
+        built.append((name, module, base, adapter))
+    for name, module, base, adapter in built:
         if isinstance(module, AdapterLayer):
             module.add(adapter_name, adapter)
         else:
@@ -102,3 +107,18 @@ def wrap_modules_to_save(model: nn.Module, module_names: list[str] | None, adapt
         module.add(adapter_name)
         wrapped.append(name)
     return wrapped
+
+
+def check_rank(config: LayerConfig, rank: int, module_name: str, in_features: int, out_features: int) -> None:
+    """Refuse a rank beyond both sides of the layer, before anything is allocated.
+
+    A rank-``r`` update of an ``out x in`` weight has rank at most ``min(in, out)``; a rank beyond
+    ``max(in, out)`` only wastes memory, and a hostile config (``r: 10**9``) would exhaust it.
+    """
+    limit = max(in_features, out_features)
+    if rank > limit:
+        raise ConfigError(
+            f"{type(config).__name__}: rank {rank} for '{module_name}' ({in_features} -> {out_features}) exceeds "
+            f"the layer's larger side ({limit}); a rank above min(in, out) = {min(in_features, out_features)} adds "
+            f"nothing. Lower r (or its rank_pattern entry)."
+        )

@@ -151,7 +151,8 @@ class AdapterLayer(nn.Module):
         base slot after them) to positions in that list, ``len(list)`` meaning none. Remembered per
         assignment until the layer's adapters change, so generation steps do not redo it."""
         key = (acts_on, *requested)
-        found = self._mixed_groups.get(key)
+        remembered = self._mixed_groups  # the dict of the adapters read below, even if _refresh replaces it
+        found = remembered.get(key)
         if found is not None:
             return found
         groups = []
@@ -163,11 +164,18 @@ class AdapterLayer(nn.Module):
             slot_of = [position.get(id(self.adapters[n]), len(members)) if n is not None else len(members)
                        for n in requested]
             groups.append((cls, members, torch.tensor([*slot_of, len(members)])))
-        self._mixed_groups[key] = groups
+        remembered[key] = groups
         return groups
 
     def _mixed_cache(self, cls: type) -> dict[str, Any]:
         return self._mixed_caches.setdefault(cls.__qualname__, {})
+
+    def _apply(self, fn: Any, recurse: bool = True) -> AdapterLayer:
+        # .to(), .half(), .cuda() swap tensor data without moving version counters, so what forward_mixed
+        # derived from the weights would keep the old dtype, device and values: drop it.
+        result = super()._apply(fn, recurse)
+        self._forget_derived()
+        return result
 
     def __getattr__(self, name: str) -> Any:
         # Model code reads attributes of the layer it built (``.weight``, ``.in_features``, ...).
@@ -186,6 +194,7 @@ class AdapterLayer(nn.Module):
             raise PeftError(f"This layer already has an adapter named {name!r}; delete it first.")
         adapter.bind(self.base_layer)
         self.adapters[name] = adapter
+        self._forget_derived()
         self._refresh()
 
     def remove(self, name: str) -> None:
@@ -193,7 +202,14 @@ class AdapterLayer(nn.Module):
             self.unmerge(name)
         del self.adapters[name]
         self.active_adapters = [n for n in self.active_adapters if n != name]
+        self._forget_derived()
         self._refresh()
+
+    def _forget_derived(self) -> None:
+        # What forward_mixed derived from the old adapters (LoRA's stacked copies) is keyed by adapter ids,
+        # which a new adapter may reuse once the old one is freed: drop it, and free its memory now. A new
+        # dict, not clear(), as in _refresh.
+        self._mixed_caches = {}
 
     def set_active(self, names: list[str]) -> None:
         self.active_adapters = [n for n in names if n in self.adapters]
@@ -237,6 +253,17 @@ class AdapterLayer(nn.Module):
     def merge(self, name: str) -> None:
         if name in self.merged_adapters or name not in self.adapters:
             return
+        outputs = [n for n in self.merged_adapters if self.adapters[n].acts_on == "output"]
+        if self.adapters[name].acts_on == "input" and outputs:
+            # Forward feeds an input adapter's result to the base layer alone, beneath every output adapter
+            # (LoRA sees the original input): merge it under the merged output adapters, not on top of them.
+            later = self.merged_adapters[self.merged_adapters.index(outputs[0]):]
+            for other in reversed(later):
+                self.unmerge(other)
+            self.merge(name)
+            for other in later:
+                self.merge(other)
+            return
         if not self.merged_adapters and not writes_exactly(self.base_layer):
             self._weight_before_merge = self.base_layer.weight
         with torch.no_grad(), weights_in_memory(self.base_layer):
@@ -271,12 +298,16 @@ class AdapterLayer(nn.Module):
         self._refresh()
 
 
-def adapter_placement(base_layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+def adapter_placement(
+    base_layer: nn.Module, autocast_adapter_dtype: bool = True
+) -> tuple[torch.device, torch.dtype]:
     """Device and dtype for a new adapter of ``base_layer``.
 
     Adapters live where the base computes: on the execution device of an accelerate offload hook when
-    the weights themselves sit on ``meta``. They are float32 for half-precision or quantized bases, as
-    in Hugging Face PEFT, because low-precision adapter weights train poorly.
+    the weights themselves sit on ``meta``. They take the base weight's floating dtype, except that with
+    ``autocast_adapter_dtype`` (the default, as in Hugging Face PEFT) dtypes narrower than float32
+    (float16, bfloat16, float8) become float32, because low-precision adapter weights train poorly.
+    Quantized bases (integer weights) get float32 adapters either way.
     """
     weight = next(base_layer.parameters(), None)
     device = weight.device if weight is not None else torch.device("cpu")
@@ -285,5 +316,8 @@ def adapter_placement(base_layer: nn.Module) -> tuple[torch.device, torch.dtype]
         execution_device = getattr(hook, "execution_device", None)
         if execution_device is not None:
             device = torch.device(execution_device)
-    dtype = weight.dtype if weight is not None and weight.dtype in (torch.float32, torch.float64) else torch.float32
-    return device, dtype
+    if weight is None or not weight.is_floating_point():
+        return device, torch.float32
+    if autocast_adapter_dtype and weight.dtype.itemsize < 4:
+        return device, torch.float32
+    return device, weight.dtype

@@ -11,15 +11,16 @@ import contextlib
 import contextvars
 import inspect
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from peft_core.config import PeftConfig, config_from_dict
+from peft_core.config import PeftConfig
 from peft_core.errors import PeftError, PluginError
-from peft_core.layer import AdapterLayer, getattr_through
+from peft_core.layer import AdapterLayer, adapter_placement, getattr_through
 from peft_core.mixed_batch import BASE, MixedBatch, current_mixed_batch, mixed_batch
 from peft_core.modules_to_save import ModulesToSave
 from peft_core.plugins import Method, registry
@@ -27,7 +28,7 @@ from peft_core.prompt_inputs import is_continuation, is_encoder_decoder
 from peft_core.serialization import (
     atomic_write_bytes,
     copy_into,
-    read_config_dict,
+    read_config,
     read_weights,
     resolve_file,
     save_adapter,
@@ -38,6 +39,7 @@ from peft_core.walk import is_checkpointing, iter_modules, plain_name, replace_m
 
 # The PeftModel whose generate() runs in this thread (and context), if any.
 _generating: contextvars.ContextVar[PeftModel | None] = contextvars.ContextVar("peft_generating", default=None)
+_hook_lock = threading.Lock()  # installs generate's pre-hook; not on the module, which must stay copyable
 
 
 class AdaptedModel(nn.Module):
@@ -64,7 +66,10 @@ class PeftModel(nn.Module):
     # Modules that task wrappers train and save in full with every adapter (a classification head).
     TASK_MODULES_TO_SAVE: tuple[str, ...] = ()
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfig | Stack, adapter_name: str = "default") -> None:
+    def __init__(
+        self, model: nn.Module, peft_config: PeftConfig | Stack, adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         super().__init__()
         self.base_model = AdaptedModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
@@ -83,7 +88,7 @@ class PeftModel(nn.Module):
             if isinstance(config, str):
                 raise PeftError(f"A new model needs configs, not the adapter name {config!r}: "
                                 f"stack([LoraConfig(...), ...]).")
-            self.add_adapter(name, config)
+            self.add_adapter(name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         if is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
             # With the base frozen, checkpointed blocks would see inputs that need no grad and skip
             # the adapters' backward.
@@ -126,9 +131,11 @@ class PeftModel(nn.Module):
             if is_encoder_decoder(model):
                 kwargs = self._transform_inputs(kwargs)  # the encoder runs once, on these inputs
             if self._generation_hook is None:
-                self._generation_hook = model.register_forward_pre_hook(
-                    self._rewrite_generation_call, with_kwargs=True
-                )
+                with _hook_lock:  # threads whose first generate starts at once would each install one
+                    if self._generation_hook is None:
+                        self._generation_hook = model.register_forward_pre_hook(
+                            self._rewrite_generation_call, with_kwargs=True
+                        )
             token = _generating.set(self)
             try:
                 return model.generate(*args, **kwargs)
@@ -204,12 +211,17 @@ class PeftModel(nn.Module):
 
     # --- adapters ----------------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
-        """Inject a new, inactive adapter; ``set_adapter`` activates it."""
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, autocast_adapter_dtype: bool = True) -> None:
+        """Inject a new, inactive adapter; ``set_adapter`` activates it.
+
+        ``autocast_adapter_dtype`` (as in Hugging Face PEFT): True makes the layer adapters of float16 or
+        bfloat16 layers float32; False gives them their layer's dtype. Soft prompts are float32 either way.
+        """
         if adapter_name in self.peft_config:
             raise PeftError(f"An adapter named {adapter_name!r} exists already; delete it or pick another name.")
         check_adapter_name(adapter_name)
         method = registry().method_for_config(peft_config)
+        peft_config.check()  # again: fields may have been set since the config was built
         prepare_config(self.base_model.model, peft_config, type(self))
         hook = registry().hook
         hook.peft_quantize(model=self.base_model.model, config=peft_config)
@@ -220,6 +232,11 @@ class PeftModel(nn.Module):
                 f"{type(peft_config).__name__} but injected nothing for it: its peft_inject hook must "
                 f"return the adapted module names."
             )
+        if not autocast_adapter_dtype:  # the plugins build adapters upcast; keep their layer's dtype instead
+            for _, module in self._peft_modules():
+                if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
+                    _, dtype = adapter_placement(module.base_layer, autocast_adapter_dtype=False)
+                    module.adapters[adapter_name].to(dtype=dtype)
         self.peft_config[adapter_name] = peft_config
         self._methods[adapter_name] = method
         self._injected[adapter_name] = list(injected)
@@ -464,21 +481,30 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-        is_trainable: bool = False, config: PeftConfig | None = None, **hub_kwargs: Any,
+        is_trainable: bool = False, config: PeftConfig | None = None, autocast_adapter_dtype: bool = True,
+        **hub_kwargs: Any,
     ) -> PeftModel:
         """Load a saved adapter, or a saved stack of them, (a directory or a Hub repo id) onto ``model``.
 
-        ``hub_kwargs``: ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``.
-        With ``is_trainable=False`` (the default) the adapter is frozen, for inference.
+        ``hub_kwargs``: ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``, and
+        ``allow_legacy_bin=True`` to read an adapter saved only as a pickled ``adapter_model.bin`` (with
+        ``weights_only=True``; refused by default). With ``is_trainable=False`` (the default) the adapter is
+        frozen, for inference. A load that fails leaves ``model`` as it was.
         """
-        manifest = None if config is not None else resolve_file(model_id, MANIFEST_NAME, required=False, **hub_kwargs)
+        manifest = None if config is not None else resolve_file(
+            model_id, MANIFEST_NAME, required=False, **_hub_only(hub_kwargs)
+        )
         if manifest is None:
-            return cls._from_one(model, model_id, adapter_name, is_trainable, config, hub_kwargs)
+            return cls._from_one(
+                model, model_id, adapter_name, is_trainable, config, hub_kwargs, autocast_adapter_dtype
+            )
         names = read_manifest(manifest)
-        peft_model = cls._from_one(model, model_id, names[0], is_trainable, None, _member_kwargs(names[0], hub_kwargs))
+        peft_model = cls._from_one(model, model_id, names[0], is_trainable, None, _member_kwargs(names[0], hub_kwargs),
+                                   autocast_adapter_dtype)
         try:
             for name in names[1:]:
-                peft_model.load_adapter(model_id, name, is_trainable, **_member_kwargs(name, hub_kwargs))
+                peft_model.load_adapter(model_id, name, is_trainable, autocast_adapter_dtype=autocast_adapter_dtype,
+                                        **_member_kwargs(name, hub_kwargs))
         except Exception:
             peft_model.unload()
             raise
@@ -488,14 +514,14 @@ class PeftModel(nn.Module):
     @classmethod
     def _from_one(
         cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool,
-        config: PeftConfig | None, hub_kwargs: dict[str, Any],
+        config: PeftConfig | None, hub_kwargs: dict[str, Any], autocast_adapter_dtype: bool = True,
     ) -> PeftModel:
-        config = config or config_from_dict(read_config_dict(model_id, **hub_kwargs))
+        config = config or read_config(model_id, **_hub_only(hub_kwargs))
         # Built as for inference, which is the shape of what was saved (a soft prompt's final rows, not the
         # encoder that trained them); training continues from exactly those tensors.
         config.inference_mode = True
         target_cls = TASK_MODELS.get(config.task_type, cls) if cls is PeftModel else cls
-        peft_model = target_cls(model, config, adapter_name)
+        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         if not is_trainable:
             peft_model.eval()
         try:
@@ -507,12 +533,14 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(
-        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **hub_kwargs: Any
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, *,
+        autocast_adapter_dtype: bool = True, **hub_kwargs: Any,
     ) -> None:
-        """Add a saved adapter under ``adapter_name`` (inactive until ``set_adapter``)."""
-        config = config_from_dict(read_config_dict(model_id, **hub_kwargs))
+        """Add a saved adapter under ``adapter_name`` (inactive until ``set_adapter``); ``hub_kwargs`` as in
+        :meth:`from_pretrained`. A load that fails leaves the model as it was."""
+        config = read_config(model_id, **_hub_only(hub_kwargs))
         config.inference_mode = True  # as in from_pretrained
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             self._load_weights(adapter_name, model_id, hub_kwargs)
         except Exception:
@@ -533,14 +561,7 @@ class PeftModel(nn.Module):
         loaded = read_weights(model_id, **hub_kwargs)
         targets = self._adapter_tensors(adapter_name)
         targets.update(self._base_tensors_for(loaded, targets, adapter_name))
-        missing = copy_into(targets, loaded, str(model_id))
-        if missing:
-            import warnings
-
-            warnings.warn(
-                f"The adapter in {model_id} lacks {len(missing)} weights this model expects, e.g. "
-                f"{missing[0]!r}; they keep their initial values.", stacklevel=3,
-            )
+        copy_into(targets, loaded, str(model_id))
 
     def _base_tensors_for(
         self, loaded: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], adapter_name: str
@@ -632,6 +653,11 @@ def prepare_config(model: nn.Module, config: PeftConfig, peft_model_class: type[
         config.modules_to_save = [*(config.modules_to_save or []), *extra]
 
 
+def _hub_only(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Where-to-find-it options, without those that say how to read the weights."""
+    return {k: v for k, v in kwargs.items() if k != "allow_legacy_bin"}
+
+
 def _member_directory(directory: str | os.PathLike, name: str) -> str:
     return os.fspath(directory) if name == "default" else os.path.join(directory, name)
 
@@ -644,6 +670,13 @@ def _member_kwargs(name: str, hub_kwargs: dict[str, Any]) -> dict[str, Any]:
     return {**hub_kwargs, "subfolder": f"{parent}/{name}" if parent else name}
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfig | Stack, adapter_name: str = "default") -> PeftModel:
-    """Wrap ``model`` with a new adapter, or a ``stack([...])`` of them; the class follows the task type."""
-    return TASK_MODELS.get(peft_config.task_type, PeftModel)(model, peft_config, adapter_name)
+def get_peft_model(
+    model: nn.Module, peft_config: PeftConfig | Stack, adapter_name: str = "default",
+    autocast_adapter_dtype: bool = True,
+) -> PeftModel:
+    """Wrap ``model`` with a new adapter, or a ``stack([...])`` of them; the class follows the task type.
+
+    ``autocast_adapter_dtype=True`` (the default, as in Hugging Face PEFT) makes the adapters of float16 or
+    bfloat16 layers float32; ``False`` keeps their layer's dtype.
+    """
+    return TASK_MODELS.get(peft_config.task_type, PeftModel)(model, peft_config, adapter_name, autocast_adapter_dtype)

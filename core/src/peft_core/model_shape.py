@@ -53,3 +53,15 @@ def model_shape(model: Any) -> ModelShape:
         num_key_value_heads=kv_heads, head_dim=head_dim,
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
     )
+
+
+def max_positions(model: Any) -> int | None:
+    """How many positions ``model`` takes, where its config says (absolute position embeddings, a RoPE
+    model's trained context); None for models without a stated limit (T5's relative positions)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

@@ -115,6 +115,8 @@ def find_target_modules(model: nn.Module, config: LayerConfig) -> list[tuple[str
             base = module.base_layer if isinstance(module, AdapterLayer) else module
             if not is_linear_like(base) or base is head:
                 continue
+            if config.modules_to_save and matches(name, config.modules_to_save):
+                continue  # trained in full instead (a classifier head), as Hugging Face PEFT leaves it
         elif not matches(name, targets):
             continue
         if config.exclude_modules is not None and matches(name, config.exclude_modules):

@@ -172,7 +172,7 @@ def test_dora_on_an_embedding_is_refused(block):
     ("kwargs", "message"),
     [
         ({"r": 0}, "r must be a positive integer"),
-        ({"r": 2.5}, "r must be a positive integer"),
+        ({"r": 2.5}, r"LoraConfig.r must be int, not float \(2.5\)"),
         ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\)"),
         ({"bias": "some"}, "bias must be one of"),
         ({"init_lora_weights": "olora"}, "init_lora_weights='olora' is not supported"),

@@ -14,6 +14,6 @@ class TestPrefixTuning(MethodConformance):
 
     bad_configs = [
         (lambda: PrefixTuningConfig(num_virtual_tokens=0), "num_virtual_tokens, a positive integer"),
-        (lambda: PrefixTuningConfig(num_virtual_tokens=2, token_dim=30, num_attention_heads=4),
+        (lambda: PrefixTuningConfig(num_virtual_tokens=2, num_attention_heads=5),
          "does not split into"),
     ]

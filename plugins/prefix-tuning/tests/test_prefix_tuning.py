@@ -73,5 +73,5 @@ def test_bfloat16_model_gets_prefixes_in_its_dtype(llama_dir, input_ids):
 
 
 def test_token_dim_that_does_not_split_into_heads_is_refused(llama):
-    with pytest.raises(ConfigError, match="token_dim=30 does not split into num_attention_heads=4"):
-        get_peft_model(llama, PrefixTuningConfig(num_virtual_tokens=2, token_dim=30, num_attention_heads=4))
+    with pytest.raises(ConfigError, match="does not split into num_attention_heads=5"):
+        get_peft_model(llama, PrefixTuningConfig(num_virtual_tokens=2, num_attention_heads=5))

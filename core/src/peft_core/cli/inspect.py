@@ -30,11 +30,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     parser.add_argument("--subfolder", help="folder inside the directory or repo that holds the adapter")
     parser.add_argument("--json", action="store_true", help="print a JSON object, for scripts")
+    parser.add_argument("--allow-legacy-bin", action="store_true", help="read an adapter saved only as a pickled "
+                        "adapter_model.bin (tensors only, with weights_only=True); refused otherwise")
     parser.set_defaults(run=run)
     return parser
 
 
-def describe(path_or_repo: str, **hub_kwargs: Any) -> dict[str, Any]:
+def describe(path_or_repo: str, allow_legacy_bin: bool = False, **hub_kwargs: Any) -> dict[str, Any]:
     """A JSON-ready description of the adapter or stack at ``path_or_repo``.
 
     A stack gives ``{"stack": [names], "members": [descriptions], ...totals}``.
@@ -44,11 +46,12 @@ def describe(path_or_repo: str, **hub_kwargs: Any) -> dict[str, Any]:
 
     manifest = resolve_file(path_or_repo, MANIFEST_NAME, required=False, **hub_kwargs)
     if manifest is None:
-        return describe_one(path_or_repo, **hub_kwargs)
+        return describe_one(path_or_repo, allow_legacy_bin, **hub_kwargs)
     from peft_core.model import _member_kwargs
 
     names = read_manifest(manifest)
-    members = [{"name": name, **describe_one(path_or_repo, **_member_kwargs(name, hub_kwargs))} for name in names]
+    members = [{"name": name, **describe_one(path_or_repo, allow_legacy_bin, **_member_kwargs(name, hub_kwargs))}
+               for name in names]
     return {
         "source": str(path_or_repo),
         "stack": names,
@@ -59,14 +62,14 @@ def describe(path_or_repo: str, **hub_kwargs: Any) -> dict[str, Any]:
     }
 
 
-def describe_one(path_or_repo: str, **hub_kwargs: Any) -> dict[str, Any]:
+def describe_one(path_or_repo: str, allow_legacy_bin: bool = False, **hub_kwargs: Any) -> dict[str, Any]:
     from peft_core.errors import AdapterLoadError
     from peft_core.serialization import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_config_dict, read_weights, resolve_file
 
     config = read_config_dict(path_or_repo, **hub_kwargs)
     if not isinstance(config.get("peft_type"), str):
         raise AdapterLoadError(f"{path_or_repo}: adapter_config.json has no peft_type; it is not an adapter config.")
-    tensors = read_weights(path_or_repo, **hub_kwargs)
+    tensors = read_weights(path_or_repo, allow_legacy_bin=allow_legacy_bin, **hub_kwargs)
     # read_weights found one of the two files; the size reported is that file's.
     file = resolve_file(path_or_repo, WEIGHTS_NAME, required=False, **hub_kwargs) or resolve_file(
         path_or_repo, LEGACY_WEIGHTS_NAME, **hub_kwargs
@@ -113,7 +116,7 @@ def _print_one(info: dict[str, Any], indent: str = "") -> None:
 
 def run(args: argparse.Namespace) -> int:
     hub_kwargs = {k: v for k, v in (("revision", args.revision), ("subfolder", args.subfolder)) if v}
-    info = describe(args.path, **hub_kwargs)
+    info = describe(args.path, args.allow_legacy_bin, **hub_kwargs)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -116,7 +116,7 @@ def merge(base: str, adapter: str, out: str | os.PathLike, dtype: str | None = N
     base_config = _base_config(base)
     class_name = auto_class_name(_adapter_task_type(adapter), base_config.get("architectures"))
     auto_class = getattr(transformers, class_name)
-    model = auto_class.from_pretrained(base, dtype=torch.float32)
+    model = auto_class.from_pretrained(base, dtype=torch.float32, trust_remote_code=False)
     try:
         peft_model = PeftModel.from_pretrained(model, adapter)
     except PeftError as exc:
@@ -128,7 +128,7 @@ def merge(base: str, adapter: str, out: str | os.PathLike, dtype: str | None = N
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
     if any((Path(base) / name).is_file() for name in TOKENIZER_FILES):
-        transformers.AutoTokenizer.from_pretrained(base).save_pretrained(out)
+        transformers.AutoTokenizer.from_pretrained(base, trust_remote_code=False).save_pretrained(out)
     return class_name
 
 

@@ -335,7 +335,7 @@ def run(args: argparse.Namespace) -> int:
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(threads)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError(f"the tokenizer of {model_dir} has neither a pad nor an eos token")
@@ -349,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
     config = method_config(options["method"], options["method_options"], total_steps)
 
     torch.manual_seed(settings.seed)  # the adapter's random initialization
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, trust_remote_code=False)
     if resume_from is not None:
         model = PeftModel.from_pretrained(base, resume_from, is_trainable=True)
     else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from peft_core.config import _ANY, LayerConfig
+from peft_core.config import _ANY, LayerConfig, check_finite
 from peft_core.errors import ConfigError
 from peft_lora.config import BIAS_CHOICES, LoraConfig
 
@@ -82,18 +82,24 @@ class AdaLoraConfig(LayerConfig):
         for name in ("beta1", "beta2"):
             if not 0 < getattr(self, name) < 1:
                 raise ConfigError(f"AdaLoraConfig.{name} must be in (0, 1), not {getattr(self, name)!r}.")
-        if self.orth_reg_weight < 0:
+        if not self.orth_reg_weight >= 0:  # NaN too
             raise ConfigError(f"orth_reg_weight must be >= 0, not {self.orth_reg_weight!r}.")
+        check_finite("AdaLoraConfig", "orth_reg_weight", self.orth_reg_weight)
+        check_finite("AdaLoraConfig", "lora_alpha", self.lora_alpha)
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), not {self.lora_dropout!r}.")
         if self.bias not in BIAS_CHOICES:
             raise ConfigError(f"bias must be one of {BIAS_CHOICES}, not {self.bias!r}.")
         if self.init_lora_weights not in (True, False):
             raise ConfigError(f"AdaLoRA's init_lora_weights must be True or False, not {self.init_lora_weights!r}.")
-        if self.rank_pattern is not None and not isinstance(self.rank_pattern, dict):
-            raise ConfigError(
-                f"rank_pattern must be a dict (module.lora_E -> kept triplets), not {self.rank_pattern!r}."
-            )
+        for key, kept in (self.rank_pattern or {}).items():
+            is_mask = isinstance(kept, list) and len(kept) == self.init_r and all(isinstance(k, bool) for k in kept)
+            is_count = isinstance(kept, int) and not isinstance(kept, bool) and 0 <= kept <= self.init_r
+            if not (is_mask or is_count):
+                raise ConfigError(
+                    f"AdaLoraConfig.rank_pattern[{key!r}] must be a list of init_r={self.init_r} booleans (which "
+                    f"triplets are kept) or a count from 0 to init_r, not {kept!r}."
+                )
 
     def mask_for(self, module_name: str, adapter_name: str = "default") -> list[bool] | None:
         """Which of the ``init_r`` triplets of ``module_name`` are kept, from ``rank_pattern`` (None: all)."""

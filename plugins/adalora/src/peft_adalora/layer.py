@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from peft_core.inject import LayerTable
+from peft_core.inject import LayerTable, check_rank
 from peft_core.layer import Adapter
 from torch import nn
 
@@ -33,6 +33,7 @@ class SVDAdapter(Adapter):
             in_features, out_features = base_layer.in_features, base_layer.out_features
         mask = config.mask_for(module_name, adapter_name)
         r = config.init_r if mask is None else sum(mask)
+        check_rank(config, r, module_name, in_features, out_features)
         self.lora_A = nn.Parameter(torch.empty(r, in_features))
         self.lora_E = nn.Parameter(torch.empty(r, 1))
         self.lora_B = nn.Parameter(torch.empty(out_features, r))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from peft_core.config import LayerConfig
+from peft_core.config import LayerConfig, check_regex
 from peft_core.errors import ConfigError
 
 
@@ -42,6 +42,8 @@ class IA3Config(LayerConfig):
         if isinstance(self.feedforward_modules, (set, tuple)):
             self.feedforward_modules = sorted(self.feedforward_modules)
         targets, feedforward = self.target_modules, self.feedforward_modules
+        if isinstance(feedforward, str):
+            check_regex("IA3Config.feedforward_modules", feedforward)
         if isinstance(targets, list) and isinstance(feedforward, list):
             outside = [m for m in feedforward if m not in targets]
             if outside:

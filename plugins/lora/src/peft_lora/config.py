@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from peft_core.config import _ANY, LayerConfig
+from peft_core.config import _ANY, LayerConfig, check_finite, check_regex
 from peft_core.errors import ConfigError
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
@@ -58,6 +58,12 @@ class LoraConfig(LayerConfig):
         for key, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or rank <= 0:
                 raise ConfigError(f"rank_pattern[{key!r}] must be a positive integer, not {rank!r}.")
+        check_finite("LoraConfig", "lora_alpha", self.lora_alpha)
+        for key, alpha in self.alpha_pattern.items():
+            check_finite("LoraConfig", f"alpha_pattern[{key!r}]", alpha)
+        for name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, name):
+                check_regex(f"The LoraConfig.{name} key", key, used_as=_key_regex("{}"))
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), not {self.lora_dropout!r}.")
         if self.bias not in BIAS_CHOICES:
@@ -78,9 +84,13 @@ class LoraConfig(LayerConfig):
 def pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
     """The value of the first key that matches the end of ``module_name`` (a suffix or a regex)."""
     for key, value in pattern.items():
-        if re.match(rf"(?:.*\.)?(?:{key})$", module_name):
+        if re.match(_key_regex(key), module_name):
             return value
     return default
+
+
+def _key_regex(key: str) -> str:
+    return rf"(?:.*\.)?(?:{key})$"
 
 
 def pissa_iterations(init: object) -> int | None:

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from peft_core.errors import ConfigError
-from peft_core.inject import LayerTable
+from peft_core.inject import LayerTable, check_rank
 from peft_core.layer import Adapter
 from peft_core.weights import read_weight
 from torch import nn
@@ -99,6 +99,7 @@ class LoraLinear(LoraAdapter):
             in_features, out_features = base_layer.weight.shape
         else:  # from the layer, not the weight: a quantized weight is stored packed
             in_features, out_features = base_layer.in_features, base_layer.out_features
+        check_rank(config, self.r, module_name, in_features, out_features)
         self.lora_A = FactorLinear(in_features, self.r, bias=False)  # (r, in)
         self.lora_B = FactorLinear(self.r, out_features, bias=False)  # (out, r)
         init_lora_pair(self.lora_A.weight, self.lora_B.weight, config.init_lora_weights)
@@ -191,6 +192,8 @@ class LoraConv2d(LoraAdapter):
         super().__init__(base_layer, config, module_name)
         if base_layer.groups != 1:
             raise ConfigError(f"LoRA supports Conv2d with groups=1 only; '{module_name}' has {base_layer.groups}.")
+        fan_in = base_layer.in_channels * math.prod(base_layer.kernel_size)
+        check_rank(config, self.r, module_name, fan_in, base_layer.out_channels)
         self.lora_A = FactorConv2d(
             base_layer.in_channels, self.r, base_layer.kernel_size, base_layer.stride, base_layer.padding,
             base_layer.dilation, bias=False,
@@ -232,6 +235,7 @@ class LoraEmbedding(LoraAdapter):
                 f"use_dora is supported on Linear, Conv1D and Conv2d layers, not on the embedding "
                 f"'{module_name}'; add it to exclude_modules or drop it from target_modules."
             )
+        check_rank(config, self.r, module_name, base_layer.num_embeddings, base_layer.embedding_dim)
         # Saved names are the parameters' own: lora_embedding_A (r, num), lora_embedding_B (dim, r).
         self.lora_embedding_A = nn.Parameter(torch.empty(self.r, base_layer.num_embeddings))
         self.lora_embedding_B = nn.Parameter(torch.empty(base_layer.embedding_dim, self.r))

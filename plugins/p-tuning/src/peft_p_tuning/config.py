@@ -52,3 +52,11 @@ class PromptEncoderConfig(PromptLearningConfig):
     def complete_from(self, model: Any) -> None:
         super().complete_from(model)
         self.encoder_hidden_size = self.encoder_hidden_size or self.token_dim
+
+    def parameter_count(self) -> int:
+        width, hidden = self.token_dim, self.encoder_hidden_size or self.token_dim
+        if self.encoder_reparameterization_type == "LSTM":  # two directions of four gates, then the head
+            encoder = 8 * (width + hidden) * hidden * self.encoder_num_layers + 4 * hidden * hidden + 2 * hidden * width
+        else:
+            encoder = 2 * width * hidden + hidden * hidden
+        return super().parameter_count() + encoder

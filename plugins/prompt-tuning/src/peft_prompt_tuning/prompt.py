@@ -29,7 +29,7 @@ def initial_token_ids(config: PromptTuningConfig, vocab_size: int) -> torch.Tens
         return torch.randint(0, vocab_size, (rows,), dtype=torch.long)
     from transformers import AutoTokenizer
 
-    kwargs = {**(config.tokenizer_kwargs or {}), "trust_remote_code": False}
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+    kwargs = {k: v for k, v in (config.tokenizer_kwargs or {}).items() if k != "trust_remote_code"}
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs, trust_remote_code=False)
     text_ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
     return torch.tensor(list(itertools.islice(itertools.cycle(text_ids), rows)), dtype=torch.long)

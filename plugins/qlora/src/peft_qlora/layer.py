@@ -160,5 +160,9 @@ def write_quantized(layer: nn.Module, dense: torch.Tensor) -> None:
             quant_storage=old.quant_storage, module=layer,
         )
     else:
+        if old.CB is None and layer.state.CB is not None:
+            # The first forward moved the int8 rows and scales into layer.state, where the new weight's will
+            # replace them; give them back to the old weight, so putting it back (unmerging) restores them.
+            old.CB, old.SCB = layer.state.CB, layer.state.SCB
         new = bnb.nn.Int8Params(dense.to(torch.float16), requires_grad=False, has_fp16_weights=False)
     layer.weight = new.to(old.device)
