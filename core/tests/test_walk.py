@@ -46,11 +46,3 @@ def test_layer_index_with_default_patterns():
 def test_unknown_target_lists_near_matches(llama):
     with pytest.raises(ConfigError, match=r"matched no module of LlamaForCausalLM.*Near matches: .*q_proj"):
         names(llama, target_modules=["qq_proj"])
-
-
-def test_default_targets_come_from_the_config_class(llama, monkeypatch):
-    monkeypatch.setattr(ScaleConfig, "DEFAULT_TARGET_MODULES", {"llama": ["o_proj"]})
-    assert names(llama) == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
-    monkeypatch.setattr(ScaleConfig, "DEFAULT_TARGET_MODULES", {})
-    with pytest.raises(ConfigError, match="no default for model type 'llama'"):
-        names(llama)

@@ -145,13 +145,13 @@ class LayerConfig(PeftConfig):
     ``target_modules``: a list of module names or name suffixes (``"q_proj"`` matches
     ``model.layers.0.self_attn.q_proj``), a regular expression matched against the full name, or
     ``"all-linear"`` (every Linear-like layer but the output head). ``None`` picks the method's
-    default for the model type. ``exclude_modules`` takes the same forms. ``layers_to_transform``
-    keeps only the layers with these indices in the stack named by ``layers_pattern``.
+    default for the model's family (see :mod:`peft_core.targets`). ``exclude_modules`` takes the same
+    forms. ``layers_to_transform`` keeps only the layers with these indices in the stack named by ``layers_pattern``.
     ``modules_to_save`` are whole modules trained and saved in full with the adapter.
     """
 
-    # Default targets by transformers ``model_type``, used when ``target_modules`` is None.
-    DEFAULT_TARGET_MODULES: ClassVar[dict[str, list[str]]] = {}
+    # Which column of the default-targets table (peft_core.targets) ``target_modules=None`` reads.
+    DEFAULT_TARGETS_ROLE: ClassVar[str] = "attention"
 
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
@@ -227,10 +227,11 @@ class PromptLearningConfig(PeftConfig):
         """Fill the model-shape fields left as None from ``model.config`` (a transformers config), and
         refuse fields that do not fit the model, before the prompt is allocated."""
         from peft_core.allocation import check_allocation
-        from peft_core.model_shape import max_positions, model_shape
+        from peft_core.model_shape import check_token_inputs, max_positions, model_shape
 
-        shape = model_shape(model)
         name = type(self).__name__
+        check_token_inputs(model, name)
+        shape = model_shape(model)
         for field_name, actual in (("token_dim", self.model_token_dim(shape)), ("num_layers", shape.num_layers)):
             saved = getattr(self, field_name)
             if saved is not None and saved != actual:

@@ -41,6 +41,18 @@ def peft_register_methods(register: Callable[[Method], None]) -> None:
     """
 
 
+@hookspec
+def peft_default_targets(register: Callable[[str, str, list[str]], None]) -> None:
+    """Add default target modules for model families, or for a role of your own method.
+
+    Called each time a config with ``target_modules=None`` is injected. Call
+    ``register(family, role, module_names)``: ``family`` is a transformers ``model_type`` or a model class
+    name, ``role`` the ``DEFAULT_TARGETS_ROLE`` of the configs that read it (``"attention"`` for LoRA,
+    ``"ia3"`` and ``"feedforward"`` for IA3, or your method's). Entries replace the built-in ones of
+    :mod:`peft_core.targets` for the same family and role.
+    """
+
+
 # --- building a model ---------------------------------------------------------------------------
 
 

@@ -106,6 +106,9 @@ class AdapterLayer(nn.Module):
         # A quantized base's weight before its first merge: unmerging everything restores it exactly
         # instead of re-quantizing the arithmetic.
         self._weight_before_merge: nn.Parameter | None = None
+        # Whether another module uses the base weight too (embeddings tied to the output head), set before each
+        # merge: merging then writes into a copy, so the other module keeps computing with the weight as it was.
+        self.weight_is_shared = False
         # What forward applies, derived from the fields above by _refresh: plain tuples, so the hot
         # path does no lookups by name.
         self._input_adapters: tuple[Adapter, ...] = ()
@@ -264,13 +267,23 @@ class AdapterLayer(nn.Module):
             for other in later:
                 self.merge(other)
             return
-        if not self.merged_adapters and not writes_exactly(self.base_layer):
-            self._weight_before_merge = self.base_layer.weight
+        if not self.merged_adapters:
+            self._keep_weight_before_merge()
         with torch.no_grad(), weights_in_memory(self.base_layer):
             write_weight(self.base_layer, self._merged_weight(name))
             self._map_bias(self.adapters[name].merged_bias)
         self.merged_adapters.append(name)
         self._refresh()
+
+    def _keep_weight_before_merge(self) -> None:
+        # A quantized write only approximates, and a shared weight must stay as it is for its other users: keep
+        # the weight parameter, merge into a new one, and put the kept one back once everything is unmerged.
+        exact = writes_exactly(self.base_layer)
+        if exact and not self.weight_is_shared:
+            return
+        kept = self._weight_before_merge = self.base_layer.weight
+        if exact:  # a plain write is in place: give the layer its own weight first
+            self.base_layer.weight = nn.Parameter(kept.detach().clone(), requires_grad=kept.requires_grad)
 
     def _map_bias(self, change) -> None:
         bias = getattr(self.base_layer, "bias", None)

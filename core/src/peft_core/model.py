@@ -35,6 +35,7 @@ from peft_core.serialization import (
 )
 from peft_core.soft_prompt import detach_soft_prompts, rewrite_mixed, soft_prompt
 from peft_core.stacking import MANIFEST_NAME, Stack, check_adapter_name, manifest_json, read_manifest
+from peft_core.tied_embeddings import check_vocabulary, mark_shared_weights, record_untied_embeddings
 from peft_core.walk import is_checkpointing, iter_modules, plain_name, replace_module
 
 # The PeftModel whose generate() runs in this thread (and context), if any.
@@ -346,6 +347,7 @@ class PeftModel(nn.Module):
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Fold adapters (default: the active ones) into the base weights; forward then costs nothing extra."""
+        mark_shared_weights(self.base_model.model)
         for name in adapter_names or self.active_adapters:
             if name in self._merged:
                 continue
@@ -407,6 +409,8 @@ class PeftModel(nn.Module):
                 replace_module(model, name, module.modules_to_save[module.active_adapter])
             else:
                 replace_module(model, name, module.original_module)
+        if keep_trained_copies:
+            record_untied_embeddings(model)
         if keep_soft_prompts:
             return model
         detach_soft_prompts(model)
@@ -561,6 +565,7 @@ class PeftModel(nn.Module):
         loaded = read_weights(model_id, **hub_kwargs)
         targets = self._adapter_tensors(adapter_name)
         targets.update(self._base_tensors_for(loaded, targets, adapter_name))
+        check_vocabulary(self.base_model.model, loaded, targets, str(model_id))
         copy_into(targets, loaded, str(model_id))
 
     def _base_tensors_for(
@@ -570,7 +575,8 @@ class PeftModel(nn.Module):
 
         Hugging Face PEFT saves such weights under their parameter names with the adapter name left out.
         """
-        live = dict(self.named_parameters())  # names start with base_model.model., as saved keys do
+        # Names start with base_model.model., as saved keys do; a tied weight answers to each of its names.
+        live = dict(self.named_parameters(remove_duplicate=False))
         found = {}
         for key in loaded:
             if key in targets:
@@ -646,7 +652,9 @@ def prepare_config(model: nn.Module, config: PeftConfig, peft_model_class: type[
     """Complete ``config`` for ``model`` before quantization and injection: the base model's name, and the
     task's trained heads (a classifier) among ``modules_to_save``."""
     if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        name = getattr(getattr(model, "config", None), "_name_or_path", None)
+        # diffusers keeps the Path a model was loaded from; the saved config needs a string.
+        config.base_model_name_or_path = os.fspath(name) if name else None
     task_modules = peft_model_class.TASK_MODULES_TO_SAVE
     if task_modules and hasattr(config, "modules_to_save"):
         extra = [m for m in task_modules if m not in (config.modules_to_save or [])]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,12 +48,31 @@ def model_shape(model: Any) -> ModelShape:
 
     hidden, heads = read("hidden_size"), read("num_attention_heads")
     head_dim = getattr(text, "head_dim", None) or hidden // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or getattr(text, "num_kv_heads", None) or heads
+    if getattr(text, "multi_query", False) and not getattr(text, "new_decoder_architecture", False):
+        kv_heads = 1  # Falcon's original layout: one key/value head shared by all, whatever num_kv_heads says
     return ModelShape(
         num_layers=read("num_layers"), hidden_size=hidden, num_attention_heads=heads,
         num_key_value_heads=kv_heads, head_dim=head_dim,
         is_encoder_decoder=bool(getattr(config, "is_encoder_decoder", False)),
     )
+
+
+def check_token_inputs(model: Any, owner: str) -> None:
+    """Refuse a model that takes no token ids: soft prompts add virtual tokens to a model's token inputs."""
+    from torch import nn
+
+    try:
+        embeddings = model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        embeddings = None
+    forward = getattr(model, "forward", None)
+    takes_ids = forward is not None and "input_ids" in inspect.signature(forward).parameters
+    if not isinstance(embeddings, nn.Embedding) or not takes_ids:
+        raise ConfigError(
+            f"{owner} adds virtual tokens to a model's token inputs, but {type(model).__name__} takes no token ids "
+            f"(input_ids). Use a method that adapts layers (LoRA, IA3, ...) for this model."
+        )
 
 
 def max_positions(model: Any) -> int | None:

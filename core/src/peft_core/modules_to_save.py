@@ -24,8 +24,12 @@ class ModulesToSave(nn.Module):
         self.active_adapter: str | None = None
         self.disabled = False
 
-    def add(self, name: str) -> None:
-        trained = copy.deepcopy(self.original_module)
+    def add(self, name: str, weight_from: nn.Module | None = None) -> None:
+        """Add a trainable copy for adapter ``name``; with ``weight_from`` (the copy of a module whose weight the
+        original shares, a tied input embedding) the copy shares that copy's weight instead of its own."""
+        # The deep copy reuses the given weight where it would copy the original's, so none is allocated.
+        memo = {} if weight_from is None else {id(self.original_module.weight): weight_from.weight}
+        trained = copy.deepcopy(self.original_module, memo)
         trained.requires_grad_(True)
         self.modules_to_save[name] = trained
 

@@ -14,9 +14,6 @@ if TYPE_CHECKING:
 
     from peft_core.config import LayerConfig
 
-# Names of the module stacks holding a model's blocks, tried when layers_pattern is not given.
-DEFAULT_LAYERS_PATTERNS = ("layers", "h", "block", "blocks", "layer")
-
 # Qualified class names of layers that compute like a Linear. Plugins add theirs (e.g. quantized
 # Linear layers) with register_linear_like; names avoid importing transformers to test a type.
 _LINEAR_LIKE = {"torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D"}
@@ -68,14 +65,61 @@ def matches(name: str, patterns: list[str] | str) -> bool:
 
 
 def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
-    """The index of the block a module sits in (``model.layers.3.mlp`` -> 3), or None."""
-    patterns = DEFAULT_LAYERS_PATTERNS if layers_pattern is None else layers_pattern
-    patterns = [patterns] if isinstance(patterns, str) else patterns
-    for pattern in patterns:
-        found = re.match(rf"(?:.*\.)?{re.escape(pattern)}\.(\d+)\.", name)
+    """The index of the block a module sits in, read as Hugging Face PEFT reads it, or None.
+
+    With ``layers_pattern`` (a name or a regex, or a list of them tried in turn): the number after the first
+    ``<pattern>.`` in the name (``encoder.block.3.layer.0.q`` with ``"block"`` -> 3). Without: the first
+    number that follows two or more name components (``model.layers.3.mlp`` -> 3, ``transformer.h.3`` -> 3,
+    ``backbone.stages.1.blocks.2.fc`` -> 1).
+    """
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+        return int(found.group(1)) if found else None
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
+        try:
+            found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<index>\d+)\.", name)
+        except re.error as exc:
+            raise ConfigError(
+                f"layers_pattern {pattern!r} is not a valid regular expression ({exc.msg}); give the name of the "
+                f"module list holding the blocks, e.g. 'layers'."
+            ) from None
         if found:
-            return int(found.group(1))
+            return int(found.group("index"))
     return None
+
+
+def block_indices(model: nn.Module, layers_pattern: list[str] | str | None) -> dict[str, int]:
+    """Module name -> index of the block it sits in (see :func:`layer_index`), for the modules inside one.
+
+    Where the default rule numbers no module at all, as when the blocks are the model's first component (a
+    bare ``LlamaModel``: ``layers.0.mlp``), the number after the first component is the index.
+    """
+    names = [name for name, _ in iter_modules(model)]
+    found = {name: index for name in names if (index := layer_index(name, layers_pattern)) is not None}
+    if not found and not layers_pattern:
+        tops = ((name, re.match(r"[^.]+\.(\d+)\.", name)) for name in names)
+        found = {name: int(top.group(1)) for name, top in tops if top}
+    return found
+
+
+def _check_layers_to_transform(model: nn.Module, config: LayerConfig, indices: dict[str, int]) -> None:
+    """Refuse indices of layers_to_transform that no block of the model has, naming the blocks there are."""
+    missing = sorted(set(config.layers_to_transform) - set(indices.values()))
+    if not missing:
+        return
+    pattern = f"layers_pattern={config.layers_pattern!r}" if config.layers_pattern else "the default layers_pattern"
+    stacks = sorted({name.rsplit(".", 1)[0].rsplit(".", 1)[-1] for name, _ in iter_modules(model)
+                     if name.rsplit(".", 1)[-1].isdigit() and "." in name})
+    if indices:
+        numbered = sorted(set(indices.values()))
+        where = f"its blocks (by {pattern}) are numbered {numbered[0]} to {numbered[-1]}"
+    else:
+        where = f"{pattern} finds no numbered block in it"
+    raise ConfigError(
+        f"layers_to_transform {missing} names no block of {type(model).__name__}: {where}. Use indices of existing "
+        f"blocks, or set layers_pattern to the module list that holds the blocks (numbered lists here: "
+        f"{', '.join(stacks[:12]) or 'none'})."
+    )
 
 
 def output_head(model: nn.Module) -> nn.Module | None:
@@ -87,17 +131,18 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 
 def resolve_target_modules(model: nn.Module, config: LayerConfig) -> list[str] | str:
+    """``config.target_modules``, or the default of the config's role for the model's family."""
     if config.target_modules is not None:
         return config.target_modules
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    defaults = config.DEFAULT_TARGET_MODULES.get(model_type or "")
-    if defaults is None:
-        raise ConfigError(
-            f"{type(config).__name__}.target_modules is None and there is no default for model type "
-            f"{model_type!r}. Name the layers to adapt, e.g. target_modules=['q_proj', 'v_proj'], "
-            f"or use target_modules='all-linear'."
-        )
-    return defaults
+    from peft_core.targets import default_targets
+
+    return default_targets(model, config.DEFAULT_TARGETS_ROLE, f"{type(config).__name__}.target_modules")
+
+
+def linear_like_names(model: nn.Module) -> list[str]:
+    """The distinct last name components of the model's Linear-like layers, in model order."""
+    names = (name.rsplit(".", 1)[-1] for name, module in iter_modules(model) if is_linear_like(module))
+    return list(dict.fromkeys(names))
 
 
 def find_target_modules(model: nn.Module, config: LayerConfig) -> list[tuple[str, nn.Module]]:
@@ -107,6 +152,9 @@ def find_target_modules(model: nn.Module, config: LayerConfig) -> list[tuple[str
     """
     targets = resolve_target_modules(model, config)
     head = output_head(model) if targets == "all-linear" else None
+    indices = block_indices(model, config.layers_pattern) if config.layers_to_transform else {}
+    if config.layers_to_transform:
+        _check_layers_to_transform(model, config, indices)
     found = []
     for name, module in iter_modules(model):
         if targets == "all-linear":
@@ -121,10 +169,8 @@ def find_target_modules(model: nn.Module, config: LayerConfig) -> list[tuple[str
             continue
         if config.exclude_modules is not None and matches(name, config.exclude_modules):
             continue
-        if config.layers_to_transform is not None:
-            index = layer_index(name, config.layers_pattern)
-            if index is None or index not in config.layers_to_transform:
-                continue
+        if config.layers_to_transform and indices.get(name) not in config.layers_to_transform:
+            continue  # an empty list keeps every layer, as in Hugging Face PEFT
         found.append((name, module))
     if not found:
         raise ConfigError(_no_match_message(model, config, targets))

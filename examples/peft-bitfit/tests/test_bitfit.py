@@ -9,6 +9,7 @@ import pytest
 import safetensors.torch
 import torch
 from peft_bitfit import BitFitConfig
+from peft_bitfit.config import DEFAULT_TARGETS
 from peft_bitfit.layer import BitFitAdapter
 from peft_core import AdapterLayer, ConfigError, PeftError, PeftModel, get_peft_model, stack
 from peft_core.testing import tiny_model, train_steps
@@ -104,7 +105,7 @@ def test_only_the_bias_deltas_train_and_they_are_what_is_saved(kind, count, tiny
     assert set(saved) == {n.replace(".adapters.default", "") for n in trainable}
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "BITFIT" and config["missing_bias"] == "add"
-    assert config["target_modules"] == BitFitConfig.DEFAULT_TARGET_MODULES[kind]  # the defaults, recorded
+    assert config["target_modules"] == DEFAULT_TARGETS[kind]  # the defaults, recorded
     loaded = PeftModel.from_pretrained(tiny_model(kind, tiny_model_dir(kind)), tmp_path)
     torch.testing.assert_close(logits(loaded, input_ids), logits(model, input_ids))
 

@@ -14,7 +14,7 @@ class TestBitFit(MethodConformance):
     models = ("llama", "gpt2", "bert-classifier")
 
     def config(self, kind: str) -> BitFitConfig:
-        return BitFitConfig(task_type=TASK_TYPES[kind])  # DEFAULT_TARGET_MODULES for the model type
+        return BitFitConfig(task_type=TASK_TYPES[kind])  # the "bitfit" default targets of the family
 
     bad_configs = [
         (lambda: BitFitConfig(missing_bias="sometimes"), "missing_bias must be one of 'add', 'skip', 'error'"),

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from peft_core import Method, hookimpl
 
-from peft_bitfit.config import BitFitConfig
+from peft_bitfit.config import DEFAULT_TARGETS, BitFitConfig
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -27,6 +27,12 @@ PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is writte
 @hookimpl
 def peft_register_methods(register: Callable[[Method], None]) -> None:
     register(Method(name="bitfit", peft_type="BITFIT", config_class=BitFitConfig))
+
+
+@hookimpl
+def peft_default_targets(register: Callable[[str, str, list[str]], None]) -> None:
+    for family, module_names in DEFAULT_TARGETS.items():
+        register(family, "bitfit", module_names)
 
 
 @hookimpl

@@ -29,17 +29,6 @@ class AdaLoraConfig(LayerConfig):
     PEFT_TYPE: ClassVar[str] = "ADALORA"
     # Hugging Face PEFT writes its LoRA fields too; "r" is unused by AdaLoRA (init_r is the rank).
     IGNORED_FIELDS: ClassVar[dict[str, Any]] = {**LoraConfig.IGNORED_FIELDS, "r": _ANY}
-    # Hugging Face PEFT's AdaLoRA defaults by model type.
-    DEFAULT_TARGET_MODULES: ClassVar[dict[str, list[str]]] = {
-        "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-        "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-        "gpt2": ["c_attn"], "gpt_bigcode": ["c_attn"], "gpt_neox": ["query_key_value"],
-        "bloom": ["query_key_value"], "gptj": ["q_proj", "v_proj"], "gpt_neo": ["q_proj", "v_proj"],
-        "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-        "bart": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-        "t5": ["q", "k", "v", "o", "wi", "wo"], "bert": ["query", "value"],
-        "roberta": ["query", "key", "value", "dense"],
-    }
 
     target_r: int = 8
     init_r: int = 12

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from peft_core.config import LayerConfig, check_regex
 from peft_core.errors import ConfigError
@@ -20,19 +20,9 @@ class IA3Config(LayerConfig):
     """
 
     PEFT_TYPE: ClassVar[str] = "IA3"
-    # Default (targets, feed-forward targets) by transformers model type, used when both are None.
-    DEFAULTS: ClassVar[dict[str, tuple[list[str], list[str]]]] = {
-        "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-        "mistral": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-        "qwen2": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-        "gemma": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
-        "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-        "bert": (["key", "value", "output.dense"], ["output.dense"]),
-        "roberta": (["key", "value", "output.dense"], ["output.dense"]),
-        "t5": (["k", "v", "wo"], ["wo"]),
-        "opt": (["k_proj", "v_proj", "fc2"], ["fc2"]),
-    }
-    DEFAULT_TARGET_MODULES: ClassVar[dict[str, list[str]]] = {k: v[0] for k, v in DEFAULTS.items()}
+    # Keys, values and the feed-forward output by default (peft_core.targets), the feed-forward ones
+    # from the "feedforward" column.
+    DEFAULT_TARGETS_ROLE: ClassVar[str] = "ia3"
 
     feedforward_modules: list[str] | str | None = None
     init_ia3_weights: bool = True
@@ -52,10 +42,12 @@ class IA3Config(LayerConfig):
                     f"Add them to target_modules or remove them from feedforward_modules."
                 )
 
-    def feedforward_for(self, model_type: str | None) -> list[str] | str:
+    def feedforward_for(self, model: Any) -> list[str] | str:
         """The feed-forward modules, defaulting with the targets when neither was given."""
         if self.feedforward_modules is not None:
             return self.feedforward_modules
-        if self.target_modules is None and model_type in self.DEFAULTS:
-            return self.DEFAULTS[model_type][1]
+        if self.target_modules is None:
+            from peft_core.targets import default_targets
+
+            return default_targets(model, "feedforward", "IA3Config.feedforward_modules")
         return []

@@ -25,12 +25,13 @@ def peft_inject(model: nn.Module, config: object, adapter_name: str) -> list[str
     if not isinstance(config, IA3Config):
         return None
     from peft_core.inject import inject_adapters
-    from peft_core.walk import resolve_target_modules
 
     from peft_ia3.layer import IA3_LAYERS
 
     # Record the defaults in the config, so the saved adapter says which layers scale their input.
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    config.feedforward_modules = config.feedforward_for(model_type)
-    config.target_modules = resolve_target_modules(model, config)
-    return inject_adapters(model, config, adapter_name, IA3_LAYERS)
+    config.feedforward_modules = config.feedforward_for(model)
+    injected = inject_adapters(model, config, adapter_name, IA3_LAYERS)
+    if isinstance(config.feedforward_modules, list) and isinstance(config.target_modules, list):
+        # inject_adapters kept the default targets that matched; the feed-forward ones stay a subset of them.
+        config.feedforward_modules = [m for m in config.feedforward_modules if m in config.target_modules]
+    return injected

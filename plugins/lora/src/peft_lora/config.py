@@ -25,20 +25,13 @@ class LoraConfig(LayerConfig):
     ``"pissa"`` (A and B from the weight's top singular vectors; the base keeps the residual) or
     ``"pissa_niter_<n>"`` (the same with a fast randomized SVD). ``rank_pattern`` /
     ``alpha_pattern``: per-module ``r`` / ``lora_alpha`` by module name suffix or regex.
+    ``ensure_weight_tying``: with input embeddings tied to the output head, the ``modules_to_save`` copies of
+    the two share one weight, as the base model's do (otherwise each trains its own copy).
     """
 
     PEFT_TYPE: ClassVar[str] = "LORA"
     IGNORED_FIELDS: ClassVar[dict[str, Any]] = {
         **LayerConfig.IGNORED_FIELDS, "megatron_core": "megatron.core", "qalora_group_size": _ANY,
-    }
-    DEFAULT_TARGET_MODULES: ClassVar[dict[str, list[str]]] = {
-        "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-        "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-        "phi": ["q_proj", "v_proj"], "opt": ["q_proj", "v_proj"], "bart": ["q_proj", "v_proj"],
-        "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"],
-        "bloom": ["query_key_value"], "gptj": ["q_proj", "v_proj"], "t5": ["q", "v"], "mt5": ["q", "v"],
-        "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
-        "distilbert": ["q_lin", "v_lin"], "deberta-v2": ["query_proj", "value_proj"],
     }
 
     r: int = 8
@@ -50,6 +43,7 @@ class LoraConfig(LayerConfig):
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    ensure_weight_tying: bool = False
 
     def validate(self) -> None:
         super().validate()

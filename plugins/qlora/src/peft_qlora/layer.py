@@ -66,12 +66,18 @@ def quantize_model(model: nn.Module, config: QLoraConfig) -> nn.Module:
     keep = [*(config.skip_modules or []), *(config.modules_to_save or [])]
     for name, module in list(iter_modules(model)):
         linear = _as_linear(module)
-        if linear is None or module is head or (keep and matches(name, keep)):
+        if linear is None or module is head or (keep and _inside(name, keep)):
             continue
         if module.weight.is_meta:
             raise ConfigError(f"'{name}' has no weights (it is on the meta device); load the model before quantizing.")
         replace_module(model, name, quantize_linear(linear, config, dtype or module.weight.dtype, bnb))
     return model
+
+
+def _inside(name: str, patterns: list[str]) -> bool:
+    """Whether the module ``name`` or one it belongs to matches (RoBERTa's classifier head holds two Linears)."""
+    parts = name.split(".")
+    return any(matches(".".join(parts[:i]), patterns) for i in range(1, len(parts) + 1))
 
 
 def _as_linear(module: nn.Module) -> nn.Linear | None:
