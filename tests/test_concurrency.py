@@ -100,24 +100,25 @@ def test_the_adapters_served_give_different_outputs(llama_dir):
             assert (first - second).abs().max() > 1e-3
 
 
-def test_eight_threads_of_mixed_batches_give_what_one_at_a_time_gives(llama_dir):
-    model = many_adapters(llama_dir)
-    per_thread = [make_requests(seed=100 + t, count=50) for t in range(8)]
-    one_at_a_time = [[logits(model, r) for r in requests] for requests in per_thread]
-    together = in_threads(lambda r: logits(model, r), per_thread)
+def assert_threads_match_one_at_a_time(call, per_thread: list[list]) -> None:
+    """``call`` on each thread's requests, run from threads at once, gives exactly what it gives run alone."""
+    one_at_a_time = [[call(r) for r in requests] for requests in per_thread]
+    together = in_threads(call, per_thread)
     for expected_thread, actual_thread in zip(one_at_a_time, together, strict=True):
         for expected, actual in zip(expected_thread, actual_thread, strict=True):
             assert torch.equal(actual, expected)
+
+
+def test_eight_threads_of_mixed_batches_give_what_one_at_a_time_gives(llama_dir):
+    model = many_adapters(llama_dir)
+    per_thread = [make_requests(seed=100 + t, count=50) for t in range(8)]
+    assert_threads_match_one_at_a_time(lambda r: logits(model, r), per_thread)
 
 
 def test_generation_from_threads_gives_what_one_at_a_time_gives(llama_dir):
     model = many_adapters(llama_dir)
     per_thread = [make_requests(seed=200 + t, count=3) for t in range(8)]
-    one_at_a_time = [[generated(model, r) for r in requests] for requests in per_thread]
-    together = in_threads(lambda r: generated(model, r), per_thread)
-    for expected_thread, actual_thread in zip(one_at_a_time, together, strict=True):
-        for expected, actual in zip(expected_thread, actual_thread, strict=True):
-            assert torch.equal(actual, expected)
+    assert_threads_match_one_at_a_time(lambda r: generated(model, r), per_thread)
 
 
 def test_first_generate_calls_from_threads_install_one_hook(llama_dir, monkeypatch):
