@@ -119,6 +119,24 @@ def test_inspect_reads_a_legacy_bin_only_when_allowed(capsys, adapter_dir):
     assert code == 0 and json.loads(out)["parameters"] == sum(t.numel() for t in tensors.values())
 
 
+def test_merge_reads_a_legacy_bin_only_when_allowed(capsys, adapter_dir, llama_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    expected = PeftModel.from_pretrained(tiny_model("llama", llama_dir), adapter_dir).merge_and_unload()
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    (adapter_dir / "adapter_model.safetensors").unlink()
+    torch.save(tensors, adapter_dir / "adapter_model.bin")
+    argv = ["merge", "--base", str(llama_dir), "--adapter", str(adapter_dir), "--out", str(tmp_path / "merged")]
+    capsys.readouterr()
+    code, _, err = _run(capsys, *argv)
+    assert code == 1 and "--allow-legacy-bin" in _one_line_error(err, "merge")
+    assert not (tmp_path / "merged").exists()
+    code, _, _ = _run(capsys, *argv, "--allow-legacy-bin")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert code == 0
+    torch.testing.assert_close(merged.state_dict(), expected.state_dict())
+
+
 def test_inspect_text_output(capsys, adapter_dir):
     code, out, _ = _run(capsys, "inspect", str(adapter_dir))
     assert code == 0

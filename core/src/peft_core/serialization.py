@@ -192,7 +192,7 @@ def read_weights(
         if not allow_legacy_bin:
             raise AdapterLoadError(
                 f"{legacy} is a pickle file, a format that can run code when read. Pass allow_legacy_bin=True "
-                f"(peft inspect --allow-legacy-bin) to read it anyway, tensors only, with "
+                f"(peft inspect/merge --allow-legacy-bin) to read it anyway, tensors only, with "
                 f"torch.load(weights_only=True), if you trust its source; or convert it to safetensors."
             )
         try:

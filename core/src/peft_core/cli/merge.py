@@ -49,6 +49,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--out", required=True, metavar="DIR", help="where to save the merged model")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the saved weights (default: the base's)")
     parser.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
+    parser.add_argument("--allow-legacy-bin", action="store_true", help="read an adapter saved only as a pickled "
+                        "adapter_model.bin (tensors only, with weights_only=True); refused otherwise")
     parser.set_defaults(run=run)
     return parser
 
@@ -101,7 +103,10 @@ def _adapter_task_type(adapter: str) -> str | None:
     return read_config_dict(adapter, subfolder=None if first == "default" else first).get("task_type")
 
 
-def merge(base: str, adapter: str, out: str | os.PathLike, dtype: str | None = None, force: bool = False) -> str:
+def merge(
+    base: str, adapter: str, out: str | os.PathLike, dtype: str | None = None, force: bool = False,
+    allow_legacy_bin: bool = False,
+) -> str:
     """Merge ``adapter`` into ``base`` and save the model in ``out``; return the Auto class name used."""
     import torch
     import transformers
@@ -118,7 +123,7 @@ def merge(base: str, adapter: str, out: str | os.PathLike, dtype: str | None = N
     auto_class = getattr(transformers, class_name)
     model = auto_class.from_pretrained(base, dtype=torch.float32, trust_remote_code=False)
     try:
-        peft_model = PeftModel.from_pretrained(model, adapter)
+        peft_model = PeftModel.from_pretrained(model, adapter, allow_legacy_bin=allow_legacy_bin)
     except PeftError as exc:
         raise PeftError(f"The adapter {adapter} does not fit the base model {base}: {exc}") from exc
     merged = peft_model.merge_and_unload()
@@ -133,6 +138,6 @@ def merge(base: str, adapter: str, out: str | os.PathLike, dtype: str | None = N
 
 
 def run(args: argparse.Namespace) -> int:
-    class_name = merge(args.base, args.adapter, args.out, args.dtype, args.force)
+    class_name = merge(args.base, args.adapter, args.out, args.dtype, args.force, args.allow_legacy_bin)
     print(f"merged {args.adapter} into {args.base} ({class_name}); saved to {args.out}")
     return 0
