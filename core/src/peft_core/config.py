@@ -99,12 +99,11 @@ class PeftConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **hub_kwargs: Any) -> PeftConfig:
         """Read a config from a directory, a JSON file or a Hub repo; the class is chosen by ``peft_type``."""
-        from peft_core.serialization import read_config_dict
+        from peft_core.serialization import read_config, read_config_dict
 
-        data = read_config_dict(path, **hub_kwargs)
-        if cls.PEFT_TYPE:
-            return cls.from_dict(data)
-        return config_from_dict(data)
+        if not cls.PEFT_TYPE:
+            return read_config(path, **hub_kwargs)  # errors name the file
+        return cls.from_dict(read_config_dict(path, **hub_kwargs))
 
 
 def config_from_dict(data: dict[str, Any]) -> PeftConfig:

@@ -15,6 +15,12 @@ from collections.abc import Sequence
 COMMANDS = ("methods", "inspect", "merge", "convert", "train")
 
 
+def add_legacy_bin_option(parser: argparse.ArgumentParser) -> None:
+    """``--allow-legacy-bin``, for the subcommands that read adapters' weights."""
+    parser.add_argument("--allow-legacy-bin", action="store_true", help="read an adapter saved only as a pickled "
+                        "adapter_model.bin (tensors only, with weights_only=True); refused otherwise")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")

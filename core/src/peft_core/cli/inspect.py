@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+from peft_core.cli import add_legacy_bin_option
+
 # Config fields that say how big an adapter is, for the methods of this project and Hugging Face PEFT:
 # LoRA-like ranks and scales, AdaLoRA's budget, soft prompts' length.
 SIZE_FIELDS = (
@@ -30,8 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     parser.add_argument("--subfolder", help="folder inside the directory or repo that holds the adapter")
     parser.add_argument("--json", action="store_true", help="print a JSON object, for scripts")
-    parser.add_argument("--allow-legacy-bin", action="store_true", help="read an adapter saved only as a pickled "
-                        "adapter_model.bin (tensors only, with weights_only=True); refused otherwise")
+    add_legacy_bin_option(parser)
     parser.set_defaults(run=run)
     return parser
 

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from peft_core.cli import add_legacy_bin_option
 from peft_core.errors import PeftError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -49,8 +50,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--out", required=True, metavar="DIR", help="where to save the merged model")
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="dtype of the saved weights (default: the base's)")
     parser.add_argument("--force", action="store_true", help="write into --out even if it is not empty")
-    parser.add_argument("--allow-legacy-bin", action="store_true", help="read an adapter saved only as a pickled "
-                        "adapter_model.bin (tensors only, with weights_only=True); refused otherwise")
+    add_legacy_bin_option(parser)
     parser.set_defaults(run=run)
     return parser
 
