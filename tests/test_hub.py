@@ -731,3 +731,19 @@ def test_the_documented_example_runs_against_a_hub(hub, llama_dir, tmp_path):
     downloads = {s.path for s in hub.requests() if s.method == "GET"}
     assert f"/{base_repo}/resolve/main/config.json" in downloads  # the base came from the server too
     assert f"/{repo}/resolve/{commit.oid}/adapter_config.json" in downloads  # loaded at the pushed commit
+
+
+def test_push_staging_left_by_a_killed_push_is_removed_by_the_next(tmp_path, monkeypatch):
+    import tempfile
+
+    from peft_core.hub import _staging_root
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    root = Path(_staging_root())
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a process id that is gone, as a killed push's is
+    (root / f"{dead.pid}-abc").mkdir()
+    (root / f"{dead.pid}-abc" / "adapter_model.safetensors").write_bytes(b"half")
+    (root / f"{os.getpid()}-live").mkdir()  # a push of this process, still running
+    assert Path(_staging_root()) == root
+    assert sorted(os.listdir(root)) == [f"{os.getpid()}-live"]

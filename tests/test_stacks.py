@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -70,7 +71,12 @@ def test_three_methods_train_save_and_reload(llama, llama_dir, input_ids, tmp_pa
 
     expected = logits(model, input_ids)
     model.save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "peft_stack.json").read_text()) == {"adapters": ["lora", "ia3", "prefix-tuning"]}
+    manifest = json.loads((tmp_path / "peft_stack.json").read_text())
+    assert manifest["adapters"] == ["lora", "ia3", "prefix-tuning"]
+    assert manifest["config_sha256"] == {  # each member's config as this save wrote it
+        name: hashlib.sha256((tmp_path / name / "adapter_config.json").read_bytes()).hexdigest()
+        for name in manifest["adapters"]
+    }
     loaded = PeftModel.from_pretrained(tiny_model("llama", llama_dir), tmp_path)
     assert loaded.active_adapters == ["lora", "ia3", "prefix-tuning"]
     torch.testing.assert_close(logits(loaded, input_ids), expected)

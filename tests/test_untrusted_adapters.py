@@ -14,7 +14,7 @@ import safetensors.torch
 import torch
 from peft_core import AdapterLayer, AdapterLoadError, ConfigError, PeftError, PeftModel, get_peft_model
 from peft_core.stacking import stack
-from peft_core.testing import tiny_model
+from peft_core.testing import strip_checksums, tiny_model
 from peft_ia3 import IA3Config
 from peft_lora import LoraConfig
 from peft_p_tuning import PromptEncoderConfig
@@ -43,6 +43,8 @@ def saved_lora(llama_dir, tmp_path) -> Path:
 
 
 def edit_config(directory: Path, **changes) -> None:
+    """Edit a saved config as a stranger would hand one out: without this library's checksums."""
+    strip_checksums(directory)
     path = directory / "adapter_config.json"
     config = json.loads(path.read_text())
     config.update(changes)
@@ -234,6 +236,7 @@ def test_huge_soft_prompts_fail_before_allocating(llama, config, message):
 
 
 def test_missing_peft_type_names_the_file(llama, saved_lora):
+    strip_checksums(saved_lora)
     config = json.loads((saved_lora / "adapter_config.json").read_text())
     del config["peft_type"]
     (saved_lora / "adapter_config.json").write_text(json.dumps(config))
@@ -248,6 +251,28 @@ def test_unreadable_config_files_are_one_clear_error(llama, saved_lora, text):
     with pytest.raises(AdapterLoadError, match=r"adapter_config\.json (is not valid JSON|holds no JSON object)"):
         PeftModel.from_pretrained(llama, saved_lora)
     assert_unchanged(llama, before)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[" * 200_000 + "]" * 200_000, "nest thousands of levels deep"),
+    ('{"peft_type": "LORA", "r": 1' + "0" * 5000 + "}", r": 'r' is an integer of 5001 digits"),
+    ('{"peft_type": "LORA", "rank_pattern": {"q_proj": -9' + "9" * 5000 + "}}",
+     r": 'rank_pattern'\['q_proj'\] is an integer of 5001 digits"),
+])
+def test_a_config_no_parser_should_take_is_one_clear_error_naming_the_file(llama, saved_lora, text, message):
+    strip_checksums(saved_lora)
+    (saved_lora / "adapter_config.json").write_text(text)
+    before = snapshot(llama)
+    with pytest.raises(AdapterLoadError, match=message) as error:
+        PeftModel.from_pretrained(llama, saved_lora)
+    assert str(saved_lora / "adapter_config.json") in str(error.value)
+    assert_unchanged(llama, before)
+
+
+def test_a_stack_manifest_no_parser_should_take_names_the_file(llama, saved_lora):
+    (saved_lora / "peft_stack.json").write_text('{"adapters": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(AdapterLoadError, match=r"peft_stack\.json is not valid JSON"):
+        PeftModel.from_pretrained(llama, saved_lora)
 
 
 def test_unknown_fields_warn_and_load(llama, llama_dir, saved_lora):

@@ -45,7 +45,7 @@ SCALE_LAYERS = LayerTable({
 
 @hookimpl
 def peft_register_methods(register):
-    register(Method(name="scale", peft_type="TEST_SCALE", config_class=ScaleConfig))
+    register(Method(name="scale", peft_type="TEST_SCALE", config_class=ScaleConfig, tensor_prefixes=("scale",)))
 
 
 @hookimpl

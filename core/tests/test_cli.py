@@ -4,22 +4,26 @@ the installed executable."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from peft_core import PeftModel, get_peft_model, stack
+from peft_core import PeftError, PeftModel, get_peft_model, stack
 from peft_core.cli import main
 from peft_core.integrations.diffusers import LORA_WEIGHT_NAME, METADATA_KEY, save_diffusers_lora
 from peft_core.serialization import read_config_dict, read_weights
+from peft_core.testing import strip_checksums
 from peft_core.testing.models import tiny_model
 from peft_ia3 import IA3Config
 from peft_lora import LoraConfig
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -146,6 +150,26 @@ def test_inspect_text_output(capsys, adapter_dir):
     assert fields["parameters"] == f"{total:,}"
 
 
+def test_inspect_reports_integrity_and_the_base_tensors_an_adapter_replaces(capsys, adapter_dir, gpt2, tmp_path):
+    def fields(path: Path) -> dict[str, str]:
+        code, out, _ = _run(capsys, "inspect", str(path))
+        assert code == 0
+        return {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in out.splitlines()}
+
+    assert fields(adapter_dir)["integrity"] == "verified"
+    assert fields(adapter_dir)["replaces_base_tensors"] == "none"
+
+    config = adapter_dir / "adapter_config.json"
+    config.write_text(config.read_text().replace('"lora_alpha": 8', '"lora_alpha": 9'))
+    assert fields(adapter_dir)["integrity"].startswith("MISMATCH: ")  # described, not refused: it is a diagnosis
+    strip_checksums(adapter_dir)
+    assert fields(adapter_dir)["integrity"] == "unrecorded"
+
+    get_peft_model(gpt2, LoraConfig(r=2, target_modules=["c_attn"], bias="lora_only")).save_pretrained(tmp_path / "b")
+    replaced = fields(tmp_path / "b")["replaces_base_tensors"].split(", ")
+    assert replaced == [f"base_model.model.transformer.h.{i}.attn.c_attn.base_layer.bias" for i in range(2)]
+
+
 def test_inspect_stack_and_soft_prompt(capsys, llama, tmp_path):
     from peft_prompt_tuning import PromptTuningConfig
 
@@ -247,6 +271,38 @@ def test_merge_dtype_and_refusing_a_non_empty_out(capsys, adapter_dir, llama_dir
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
 
 
+def test_a_killed_merge_leaves_out_as_it_was_and_the_next_merge_cleans_up(adapter_dir, llama_dir, tmp_path):
+    from peft_core import directory_commit
+    from peft_core.cli.merge import merge
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    for stop_at in ("staged", "committed"):  # before the commit, and after it, before the files are in place
+        pid = os.fork()
+        if pid == 0:
+            def step(name: str, stop_at: str = stop_at) -> None:
+                if name == stop_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+            directory_commit.step = step
+            try:
+                merge(str(llama_dir), str(adapter_dir), out, force=True)
+            finally:
+                os._exit(1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status)
+        left = directory_commit.leftovers(out)
+        if stop_at == "staged":
+            assert len(left) == 1 and left[0].startswith(".peft-staging-")
+            assert sorted(os.listdir(out)) == sorted([*left, "notes.txt"])  # no model file of the killed merge
+        else:  # committed: the next writer (or reader) moves the files in
+            assert left == [".peft-commit"] and (out / ".peft-commit" / "config.json").is_file()
+    merge(str(llama_dir), str(adapter_dir), out, force=True)
+    assert directory_commit.leftovers(out) == []
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.safetensors").is_file()
+
+
 def test_merge_wrong_base_is_one_line(capsys, adapter_dir, tiny_model_dir, tmp_path):
     import transformers
 
@@ -273,6 +329,7 @@ def test_merge_wrong_base_is_one_line(capsys, adapter_dir, tiny_model_dir, tmp_p
 
 
 def test_merge_refuses_an_adapter_of_an_unknown_method(capsys, adapter_dir, llama_dir, tmp_path):
+    strip_checksums(adapter_dir)  # a foreign adapter
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "NO_SUCH_METHOD"}))
     code, _, err = _run(capsys, "merge", "--base", str(llama_dir), "--adapter", str(adapter_dir), "--out",
@@ -370,6 +427,63 @@ def test_convert_errors_are_one_line(capsys, adapter_dir, unet_adapter, tmp_path
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "--to", "kohya", str(peft_dir), str(tmp_path / "y")])
     assert exit_info.value.code == 2
+
+
+def _set_alpha_nan(directory: Path) -> None:
+    text = (directory / "adapter_config.json").read_text()
+    (directory / "adapter_config.json").write_text(re.sub(r'"lora_alpha": [^,]+', '"lora_alpha": NaN', text))
+
+
+def _set_huge_rank(directory: Path) -> None:
+    text = (directory / "adapter_config.json").read_text()
+    (directory / "adapter_config.json").write_text(re.sub(r'"r": \d+', '"r": 1e400', text))
+
+
+def _int_factor(directory: Path) -> None:
+    tensors = load_file(directory / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key] = tensors[key].to(torch.int32)
+    save_file(tensors, directory / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (_set_alpha_nan, "lora_alpha must be a finite number"),
+    (_set_huge_rank, "LoraConfig.r must be int, not float (inf)"),
+    (_int_factor, "torch.int32"),
+], ids=["alpha-nan", "rank-1e400", "int32-factor"])
+def test_convert_reads_and_checks_an_adapter_as_the_loader_does(capsys, unet_adapter, tmp_path, edit, message):
+    """What the loader refuses, convert refuses too, rather than writing a file that will not load."""
+    _, peft_dir = unet_adapter
+    strip_checksums(peft_dir)  # a file from elsewhere
+    edit(peft_dir)
+    with pytest.raises(PeftError, match=re.escape(message)):
+        PeftModel.from_pretrained(tiny_unet(), peft_dir)
+    code, _, err = _run(capsys, "convert", "--to", "diffusers", str(peft_dir), str(tmp_path / "d"))
+    assert code == 1 and message in _one_line_error(err, "convert")
+    assert not (tmp_path / "d" / LORA_WEIGHT_NAME).exists()
+
+
+def test_convert_from_diffusers_refuses_what_would_not_load(capsys, unet_adapter, tmp_path):
+    model, _ = unet_adapter
+    file = Path(save_diffusers_lora(model, tmp_path / "diffusers"))
+    with safe_open(file, "pt") as f:
+        header = f.metadata()
+    tensors = load_file(file)
+    key = next(k for k in tensors if k.endswith("lora_B.weight"))
+    save_file({**tensors, key: tensors[key].to(torch.int32)}, file, metadata=header)
+    code, _, err = _run(capsys, "convert", "--to", "peft", str(file), str(tmp_path / "p"))
+    assert code == 1 and "is stored as torch.int32" in _one_line_error(err, "convert")
+
+    metadata = json.loads(header[METADATA_KEY])
+    save_file(tensors, file, metadata={**header, METADATA_KEY: json.dumps({**metadata, "unet.lora_alpha": math.nan})})
+    code, _, err = _run(capsys, "convert", "--to", "peft", str(file), str(tmp_path / "p"))
+    assert code == 1 and "lora_alpha must be a finite number" in _one_line_error(err, "convert")
+
+    deep = '{"unet": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    save_file(tensors, file, metadata={**header, METADATA_KEY: deep})
+    code, _, err = _run(capsys, "convert", "--to", "peft", str(file), str(tmp_path / "p"))
+    assert code == 1 and "nest thousands of levels deep" in _one_line_error(err, "convert")
+    assert not (tmp_path / "p" / "adapter_config.json").exists()
 
 
 # --- the installed executable ----------------------------------------------------------------------

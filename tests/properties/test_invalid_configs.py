@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from peft_adalora import AdaLoraConfig
 from peft_core import ConfigError, PeftConfig, PeftError, PeftModel, get_peft_model
 from peft_core.config import LayerConfig, config_from_dict
+from peft_core.testing import strip_checksums
 from peft_ia3 import IA3Config
 from peft_lora import LoraConfig
 from peft_p_tuning import PromptEncoderConfig
@@ -200,6 +201,7 @@ def test_hostile_adapter_config_gets_one_clear_error(tmp_path, fresh, field, val
     """A saved adapter whose adapter_config.json has a wrong type loads with a ConfigError naming the config
     class, the field, the expected type and the bad value."""
     get_peft_model(fresh("llama"), LoraConfig(target_modules=["q_proj"])).save_pretrained(tmp_path)
+    strip_checksums(tmp_path)  # a stranger's file, not one this library saved
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(ConfigError) as error:

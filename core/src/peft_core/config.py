@@ -6,13 +6,13 @@ import dataclasses
 import json
 import math
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from peft_core.errors import ConfigError
 from peft_core.field_types import check_field_types
+from peft_core.patterns import compile_pattern
 
 TASK_TYPES = (
     "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION",
@@ -122,14 +122,9 @@ def config_from_dict(data: dict[str, Any]) -> PeftConfig:
 
 def check_regex(what: str, pattern: str, used_as: str = "{}") -> None:
     """Raise :class:`ConfigError` if ``pattern`` (``what``, e.g. ``LoraConfig.target_modules``), put in place
-    of ``{}`` in ``used_as`` (the regex it becomes part of), does not compile."""
-    try:
-        re.compile(used_as.replace("{}", pattern))
-    except re.error as exc:
-        raise ConfigError(
-            f"{what} {pattern!r} is not a valid regular expression ({exc.msg}); escape special characters "
-            f"(re.escape) or give a list of module names instead."
-        ) from None
+    of ``{}`` in ``used_as`` (the regex it becomes part of), is invalid or cannot be matched in bounded time
+    (see :mod:`peft_core.patterns`), so a stranger's config is refused when it is read."""
+    compile_pattern(pattern, what, used_as=used_as)
 
 
 def check_finite(owner: str, name: str, value: float) -> None:

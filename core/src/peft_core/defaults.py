@@ -62,9 +62,13 @@ def trained_bias_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict
                 tensors[f"{SAVED_PREFIX}{name}.base_layer.bias"] = layer.base_layer.bias
     elif bias == "all":
         own_copy = f".modules_to_save.{adapter_name}."
+        own_layers = {name for name, _ in adapter_layers(model, adapter_name)}
         for name, param in model.named_parameters():
             other_copy = ".modules_to_save." in name and own_copy not in name
             if name.endswith("bias") and ".adapters." not in name and not other_copy:
+                layer, _, rest = name.partition(".base_layer.")
+                if rest and layer not in own_layers:  # wrapped for another adapter: saved as if it were not
+                    name = f"{layer}.{rest}"
                 tensors[SAVED_PREFIX + name.replace(own_copy, ".modules_to_save.")] = param
     return tensors
 

@@ -161,7 +161,9 @@ def peft_state_dict(
     active adapters change (exactly these tensors train), so one mapping serves all three. Keys are in
     the Hugging Face PEFT format: ``base_model.model.<module path>.<parameter>`` without the adapter
     name. Values must be the live tensors, except with ``for_saving``, when a method may return what
-    the file should hold instead (AdaLoRA: only the ranks it kept). Returns the mapping, or ``None`` to
-    leave it to the next implementation (peft-core's default covers adapter layers and
-    ``modules_to_save``).
+    the file should hold instead (AdaLoRA: only the ranks it kept). A value that is a tensor of the base
+    model itself (a bias the method trains) declares that the adapter may change it: a saved file may
+    then hold it, and its original is kept and written back when the adapter is deleted or unloaded; a
+    file's keys for undeclared base tensors are refused. Returns the mapping, or ``None`` to leave it to
+    the next implementation (peft-core's default covers adapter layers and ``modules_to_save``).
     """

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import tempfile
 from typing import TYPE_CHECKING, Any
 
@@ -54,16 +55,17 @@ def push_to_hub(
         raise PeftError("push_to_hub needs a non-empty commit_message.")
     from huggingface_hub import HfApi
 
+    from peft_core.serialization import atomic_write_bytes
+
     api = HfApi()
-    with tempfile.TemporaryDirectory(prefix="peft-core-push-") as folder:
+    with tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-", dir=_staging_root()) as folder:
         # Saved before the repo is created, so that a model that cannot be saved leaves no empty repo behind.
         peft_model.save_pretrained(folder)
         repo = api.create_repo(repo_id, private=private, exist_ok=True, token=token)
         repo_id = repo.repo_id  # with the namespace the Hub chose when none was given
         branch = revision if revision not in (None, "main") and not create_pr else None
         card = model_card(peft_model, repo_id, revision=branch)
-        with open(os.path.join(folder, MODEL_CARD_NAME), "w", encoding="utf-8") as f:
-            f.write(card)
+        atomic_write_bytes(os.path.join(folder, MODEL_CARD_NAME), card.encode())
         if branch is not None and not branch.startswith("refs/pr/"):
             # upload_folder commits only to existing branches; a pull request's ref exists already.
             api.create_branch(repo_id, branch=branch, token=token, exist_ok=True)
@@ -71,6 +73,28 @@ def push_to_hub(
             repo_id=repo_id, folder_path=folder, commit_message=commit_message, token=token, revision=revision,
             create_pr=create_pr,
         )
+
+
+def _staging_root() -> str:
+    """The folder pushes stage their files in, cleared of the folders of pushes whose process is gone (killed
+    before ``TemporaryDirectory`` could clean up): each is named after its process id."""
+    root = os.path.join(tempfile.gettempdir(), "peft-core-push")
+    os.makedirs(root, exist_ok=True)
+    for entry in os.scandir(root):
+        pid = entry.name.split("-", 1)[0]
+        if entry.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+    return root
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process, or a platform that cannot tell: leave its folder alone
+    return True
 
 
 def model_card(peft_model: PeftModel, repo_id: str, revision: str | None = None) -> str:

@@ -9,32 +9,38 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import inspect
 import os
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from peft_core.base_tensors import BaseTensorClaims, base_tensors, changes_values, declared_base_tensors
 from peft_core.config import PeftConfig
-from peft_core.errors import PeftError, PluginError
+from peft_core.directory_commit import committed_path, staged_commit, write_files
+from peft_core.errors import AdapterLoadError, PeftError, PluginError
 from peft_core.layer import AdapterLayer, adapter_placement, getattr_through
 from peft_core.mixed_batch import BASE, MixedBatch, current_mixed_batch, mixed_batch
 from peft_core.modules_to_save import ModulesToSave
 from peft_core.plugins import Method, registry
 from peft_core.prompt_inputs import is_continuation, is_encoder_decoder
 from peft_core.serialization import (
-    atomic_write_bytes,
-    copy_into,
-    read_config,
-    read_weights,
+    SavedAdapter,
+    adapter_files,
+    check_fit,
+    copy_values,
+    read_adapter,
+    reading,
     resolve_file,
-    save_adapter,
 )
 from peft_core.soft_prompt import detach_soft_prompts, rewrite_mixed, soft_prompt
-from peft_core.stacking import MANIFEST_NAME, Stack, check_adapter_name, manifest_json, read_manifest
+from peft_core.stacking import MANIFEST_NAME, Manifest, Stack, check_adapter_name, manifest_json, read_manifest
 from peft_core.tied_embeddings import check_vocabulary, mark_shared_weights, record_untied_embeddings
 from peft_core.walk import is_checkpointing, iter_modules, plain_name, replace_module
 
@@ -80,6 +86,7 @@ class PeftModel(nn.Module):
         self._methods: dict[str, Method] = {}
         self._merged: list[str] = []
         self._injected: dict[str, list[str]] = {}  # adapter -> the module names its plugin reported
+        self._base_claims = BaseTensorClaims()  # base-model tensors adapters may change, with their originals
         self._disabled = False
         self._generation_hook: torch.utils.hooks.RemovableHandle | None = None
         model.requires_grad_(False)  # only what adapters add (and what they save) trains
@@ -241,6 +248,14 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = peft_config
         self._methods[adapter_name] = method
         self._injected[adapter_name] = list(injected)
+        # Base tensors the method trains or loads for this adapter (biases): their originals come back on delete.
+        declared = base_tensors(self.base_model.model, self._adapter_tensors(adapter_name))
+        try:
+            self._base_claims.check_free(adapter_name, declared)
+        except PeftError:
+            self.delete_adapter(adapter_name)
+            raise
+        self._base_claims.claim(adapter_name, declared.values())
         self._apply_state()
 
     def injected_modules(self, adapter_name: str) -> list[str]:
@@ -277,6 +292,7 @@ class PeftModel(nn.Module):
                 if not module.modules_to_save:
                     replace_module(self.base_model.model, name, module.original_module)
         detach_soft_prompts(self.base_model.model, [adapter_name])
+        self._base_claims.restore(adapter_name)
         del self.peft_config[adapter_name], self._methods[adapter_name], self._injected[adapter_name]
         self.active_adapters = [n for n in self.active_adapters if n != adapter_name]
         if not self.active_adapters and self.peft_config:
@@ -385,7 +401,15 @@ class PeftModel(nn.Module):
                 f"weights; merge_and_unload would drop them. Pass keep_unmergeable=True to merge the others and "
                 f"keep these on the returned PeftModel, or adapter_names=[...] to merge only the others."
             )
-        self.merge_adapter([n for n in names if n not in unmergeable], safe_merge=safe_merge)
+        merged = [n for n in names if n not in unmergeable]
+        self.merge_adapter(merged, safe_merge=safe_merge)
+        for name in [n for n in self.peft_config if n not in unmergeable]:
+            # What a merged adapter did to base tensors (trained biases) is part of the merged model; what
+            # an adapter dropped without merging did is undone.
+            if name in merged:
+                self._base_claims.release(name)
+            else:
+                self._base_claims.restore(name)
         if not unmergeable:
             return self._strip(keep_trained_copies=True)
         self._strip(keep_trained_copies=True, keep_soft_prompts=True)
@@ -398,6 +422,8 @@ class PeftModel(nn.Module):
     def unload(self) -> nn.Module:
         """Return the base model as it was: adapters unmerged and removed, original modules back."""
         self.unmerge_adapter()
+        for name in self.peft_config:
+            self._base_claims.restore(name)
         return self._strip(keep_trained_copies=False)
 
     def _strip(self, keep_trained_copies: bool, keep_soft_prompts: bool = False) -> nn.Module:
@@ -450,21 +476,32 @@ class PeftModel(nn.Module):
         ``from_pretrained`` on the directory loads the whole stack. As in transformers, only the main
         process writes (``is_main_process``), and ``state_dict`` (this model's, e.g. gathered from FSDP
         shards) supplies the values of the adapter tensors instead of the live ones.
+
+        Everything one call writes changes as one unit (see :mod:`peft_core.directory_commit`): a reader,
+        a concurrent save or a kill at any moment leaves the earlier files or these, never a mix.
         """
         if not is_main_process:
             return
         if os.path.isfile(save_directory):
             raise PeftError(f"{save_directory} is a file; save_pretrained needs a directory.")
         names = selected_adapters or list(self.peft_config)
+        files, checksums = {}, {}
         for name in names:
-            config = self.peft_config[name]
             tensors = self._adapter_tensors(name, for_saving=True)
             if state_dict is not None:
                 tensors = self._values_from(state_dict, tensors)
-            save_adapter(_member_directory(save_directory, name), config.to_json_string(inference_mode=True), tensors)
+            config_json = self.peft_config[name].to_json_string(inference_mode=True)
+            folder = "" if name == "default" else f"{name}/"
+            files.update({folder + file: write for file, write in adapter_files(config_json, tensors).items()})
+            checksums[name] = hashlib.sha256(config_json.encode()).hexdigest()
         stacked = [n for n in self.active_adapters if n in names]
         if len(stacked) > 1:
-            atomic_write_bytes(os.path.join(save_directory, MANIFEST_NAME), manifest_json(stacked).encode())
+            manifest = manifest_json(stacked, {n: checksums[n] for n in stacked}).encode()
+            files[MANIFEST_NAME] = lambda path: Path(path).write_bytes(manifest)
+        with staged_commit(save_directory, also_lock=[n for n in names if n != "default"]) as staging:
+            write_files(staging, files)
+            if len(stacked) <= 1 and _stale_manifest(save_directory, names):
+                staging.remove(MANIFEST_NAME)
 
     def _values_from(
         self, state_dict: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]
@@ -485,42 +522,53 @@ class PeftModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-        is_trainable: bool = False, config: PeftConfig | None = None, autocast_adapter_dtype: bool = True,
+        is_trainable: bool = False, config: PeftConfig | None = None, autocast_adapter_dtype: bool = True, *,
+        allow_legacy_bin: bool = False, verify_integrity: bool = True, allow_embedding_layers: bool = False,
         **hub_kwargs: Any,
     ) -> PeftModel:
         """Load a saved adapter, or a saved stack of them, (a directory or a Hub repo id) onto ``model``.
 
-        ``hub_kwargs``: ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``, and
-        ``allow_legacy_bin=True`` to read an adapter saved only as a pickled ``adapter_model.bin`` (with
-        ``weights_only=True``; refused by default). With ``is_trainable=False`` (the default) the adapter is
-        frozen, for inference. A load that fails leaves ``model`` as it was.
+        ``hub_kwargs``: ``subfolder``, ``revision``, ``token``, ``cache_dir``, ``local_files_only``. With
+        ``is_trainable=False`` (the default) the adapter is frozen, for inference. A load that fails leaves
+        ``model`` as it was. How the files are read:
+
+        - ``allow_legacy_bin=True`` reads an adapter saved only as a pickled ``adapter_model.bin`` (with
+          ``weights_only=True``; refused by default);
+        - ``verify_integrity=False`` loads files whose checksums say they do not belong together (a config
+          edited by hand after saving); by default that is an error;
+        - ``allow_embedding_layers=True`` lets the file replace the model's input and output embedding
+          weights where its config does not declare them (Hugging Face PEFT saves them for a resized
+          vocabulary); the originals come back when the adapter is deleted.
         """
-        manifest = None if config is not None else resolve_file(
-            model_id, MANIFEST_NAME, required=False, **_hub_only(hub_kwargs)
-        )
-        if manifest is None:
-            return cls._from_one(
-                model, model_id, adapter_name, is_trainable, config, hub_kwargs, autocast_adapter_dtype
-            )
-        names = read_manifest(manifest)
-        peft_model = cls._from_one(model, model_id, names[0], is_trainable, None, _member_kwargs(names[0], hub_kwargs),
-                                   autocast_adapter_dtype)
-        try:
-            for name in names[1:]:
-                peft_model.load_adapter(model_id, name, is_trainable, autocast_adapter_dtype=autocast_adapter_dtype,
-                                        **_member_kwargs(name, hub_kwargs))
-        except Exception:
-            peft_model.unload()
-            raise
-        peft_model.set_adapter(names)
+        options = LoadOptions(allow_legacy_bin, verify_integrity, allow_embedding_layers)
+        with reading(model_id):  # every member from one save
+            manifest = None if config is not None else resolve_file(model_id, MANIFEST_NAME, required=False,
+                                                                    **hub_kwargs)
+            if manifest is None:
+                return cls._from_one(model, model_id, adapter_name, is_trainable, config, hub_kwargs, options,
+                                     autocast_adapter_dtype)
+            stack = read_manifest(manifest)
+            first = stack.names[0]
+            peft_model = cls._from_one(model, model_id, first, is_trainable, None, _member_kwargs(first, hub_kwargs),
+                                       options, autocast_adapter_dtype, stack)
+            try:
+                for name in stack.names[1:]:
+                    peft_model._load_adapter(model_id, name, is_trainable, autocast_adapter_dtype, options,
+                                             _member_kwargs(name, hub_kwargs), stack)
+            except Exception:
+                peft_model.unload()
+                raise
+        peft_model.set_adapter(stack.names)
         return peft_model
 
     @classmethod
     def _from_one(
         cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool,
-        config: PeftConfig | None, hub_kwargs: dict[str, Any], autocast_adapter_dtype: bool = True,
+        config: PeftConfig | None, hub_kwargs: dict[str, Any], options: LoadOptions, autocast_adapter_dtype: bool,
+        manifest: Manifest | None = None,
     ) -> PeftModel:
-        config = config or read_config(model_id, **_hub_only(hub_kwargs))
+        saved = options.read(model_id, hub_kwargs, manifest, adapter_name, with_config=config is None)
+        config = config or saved.peft_config()
         # Built as for inference, which is the shape of what was saved (a soft prompt's final rows, not the
         # encoder that trained them); training continues from exactly those tensors.
         config.inference_mode = True
@@ -529,7 +577,7 @@ class PeftModel(nn.Module):
         if not is_trainable:
             peft_model.eval()
         try:
-            peft_model._load_weights(adapter_name, model_id, hub_kwargs)
+            peft_model._load_saved(adapter_name, saved, str(model_id), options.allow_embedding_layers)
         except Exception:
             peft_model.unload()  # hand the caller's model back as it was
             raise
@@ -538,55 +586,110 @@ class PeftModel(nn.Module):
 
     def load_adapter(
         self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, *,
-        autocast_adapter_dtype: bool = True, **hub_kwargs: Any,
+        autocast_adapter_dtype: bool = True, allow_legacy_bin: bool = False, verify_integrity: bool = True,
+        allow_embedding_layers: bool = False, shared_base: bool = False, **hub_kwargs: Any,
     ) -> None:
-        """Add a saved adapter under ``adapter_name`` (inactive until ``set_adapter``); ``hub_kwargs`` as in
-        :meth:`from_pretrained`. A load that fails leaves the model as it was."""
-        config = read_config(model_id, **_hub_only(hub_kwargs))
+        """Add a saved adapter under ``adapter_name`` (inactive until ``set_adapter``); the options as in
+        :meth:`from_pretrained`. A load that fails leaves the model as it was.
+
+        ``shared_base=True`` (what :class:`~peft_core.serving.ServingModel` asks) refuses an adapter whose
+        file would change tensors of the base model, which the other adapters are served on, and refuses
+        any adapter while another one has changed them.
+        """
+        options = LoadOptions(allow_legacy_bin, verify_integrity, allow_embedding_layers)
+        self._load_adapter(model_id, adapter_name, is_trainable, autocast_adapter_dtype, options, hub_kwargs,
+                           shared_base=shared_base)
+
+    def _load_adapter(
+        self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool, autocast_adapter_dtype: bool,
+        options: LoadOptions, hub_kwargs: dict[str, Any], manifest: Manifest | None = None, shared_base: bool = False,
+    ) -> None:
+        if shared_base:
+            self.refuse_changed_base(adapter_name)
+        saved = options.read(model_id, hub_kwargs, manifest, adapter_name)
+        config = saved.peft_config()
         config.inference_mode = True  # as in from_pretrained
         self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
-            self._load_weights(adapter_name, model_id, hub_kwargs)
+            self._load_saved(adapter_name, saved, str(model_id), options.allow_embedding_layers, shared_base)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
         self._set_trainable(adapter_name, is_trainable)
 
-    def load_adapter_weights(self, directory: str | os.PathLike, adapter_name: str, **hub_kwargs: Any) -> None:
+    def load_adapter_weights(
+        self, directory: str | os.PathLike, adapter_name: str, *, allow_legacy_bin: bool = False,
+        verify_integrity: bool = True, allow_embedding_layers: bool = False, **hub_kwargs: Any,
+    ) -> None:
         """Copy the weights saved for ``adapter_name`` (at the top of ``directory`` for ``default``, else in
         its subfolder, as ``save_pretrained`` lays them out) into this model's existing adapter."""
-        self._load_weights(adapter_name, directory, _member_kwargs(adapter_name, hub_kwargs))
+        options = LoadOptions(allow_legacy_bin, verify_integrity, allow_embedding_layers)
+        saved = options.read(directory, _member_kwargs(adapter_name, hub_kwargs))
+        self._load_saved(adapter_name, saved, str(directory), allow_embedding_layers)
 
     def _set_trainable(self, adapter_name: str, trainable: bool) -> None:
         self.peft_config[adapter_name].inference_mode = not trainable
         self._apply_state()
 
-    def _load_weights(self, adapter_name: str, model_id: str | os.PathLike, hub_kwargs: dict[str, Any]) -> None:
-        loaded = read_weights(model_id, **hub_kwargs)
-        targets = self._adapter_tensors(adapter_name)
-        targets.update(self._base_tensors_for(loaded, targets, adapter_name))
-        check_vocabulary(self.base_model.model, loaded, targets, str(model_id))
-        copy_into(targets, loaded, str(model_id))
+    def _load_saved(
+        self, adapter_name: str, saved: SavedAdapter, source: str, allow_embedding_layers: bool = False,
+        shared_base: bool = False,
+    ) -> None:
+        """Copy a saved adapter's tensors into the live adapter ``adapter_name``, all or nothing.
 
-    def _base_tensors_for(
-        self, loaded: dict[str, torch.Tensor], targets: dict[str, torch.Tensor], adapter_name: str
-    ) -> dict[str, torch.Tensor]:
-        """Live tensors for saved keys that name base-model weights (a resized embedding, biases).
-
-        Hugging Face PEFT saves such weights under their parameter names with the adapter name left out.
+        Saved keys beyond the method's own mapping may address base-model tensors only where the config
+        declares them (see :mod:`peft_core.base_tensors`); the originals of the base tensors the file
+        changes are kept, and written back when the adapter is deleted.
         """
+        loaded, model = saved.tensors, self.base_model.model
+        targets = self._adapter_tensors(adapter_name)
         # Names start with base_model.model., as saved keys do; a tied weight answers to each of its names.
         live = dict(self.named_parameters(remove_duplicate=False))
-        found = {}
-        for key in loaded:
-            if key in targets:
-                continue
-            name = key.replace(".modules_to_save.", f".modules_to_save.{adapter_name}.")
-            if name in live:
-                found[key] = live[name]
-            elif key in live:
-                found[key] = live[key]
-        return found
+        targets.update(
+            declared_base_tensors(model, live, loaded, targets, adapter_name, source, allow_embedding_layers)
+        )
+        check_vocabulary(model, loaded, targets, source)
+        check_fit(targets, loaded, source)
+        changed = changes_values(base_tensors(model, targets), loaded)
+        if changed and shared_base:
+            raise AdapterLoadError(
+                f"The adapter in {source} would change {len(changed)} tensors of the base model (e.g. "
+                f"{next(iter(changed))!r}), which the other adapters served from this model use too. Serve it from "
+                f"a model of its own."
+            )
+        self._base_claims.check_free(adapter_name, changed)
+        self._base_claims.claim(adapter_name, changed.values())
+        copy_values(targets, loaded)
+
+    def refuse_changed_base(self, adapter_name: str) -> None:
+        """Refuse to add ``adapter_name`` to a model whose base tensors another adapter has changed: it would run
+        on those values, not on the base model it was trained for (what a server must not do silently)."""
+        changed = [name for name in self._base_claims.names() if self._base_claims.changed(name)]
+        if changed:
+            raise PeftError(
+                f"Adapters {changed} changed tensors of the base model (trained or loaded biases or embeddings), so "
+                f"adapter {adapter_name!r} would run on their values, not on the base model. Serve it from a model of "
+                f"its own, or delete {changed} first."
+            )
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How saved files are read and what they may replace (see :meth:`PeftModel.from_pretrained`)."""
+
+    allow_legacy_bin: bool = False
+    verify_integrity: bool = True
+    allow_embedding_layers: bool = False
+
+    def read(
+        self, model_id: str | os.PathLike, hub_kwargs: dict[str, Any], manifest: Manifest | None = None,
+        adapter_name: str = "", with_config: bool = True,
+    ) -> SavedAdapter:
+        saved = read_adapter(model_id, allow_legacy_bin=self.allow_legacy_bin, verify_integrity=self.verify_integrity,
+                             with_config=with_config, **hub_kwargs)
+        if manifest is not None and self.verify_integrity:
+            manifest.check_member(adapter_name, saved.config_sha256, str(model_id))
+        return saved
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -661,13 +764,16 @@ def prepare_config(model: nn.Module, config: PeftConfig, peft_model_class: type[
         config.modules_to_save = [*(config.modules_to_save or []), *extra]
 
 
-def _hub_only(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Where-to-find-it options, without those that say how to read the weights."""
-    return {k: v for k, v in kwargs.items() if k != "allow_legacy_bin"}
-
-
-def _member_directory(directory: str | os.PathLike, name: str) -> str:
-    return os.fspath(directory) if name == "default" else os.path.join(directory, name)
+def _stale_manifest(directory: str | os.PathLike, saved_names: list[str]) -> bool:
+    """Whether the directory holds a stack manifest naming one of the adapters a save replaces without
+    writing a stack: that stack would no longer be the one saved."""
+    path = committed_path(directory, MANIFEST_NAME)
+    if path is None:
+        return False
+    try:
+        return bool(set(read_manifest(path).names) & set(saved_names))
+    except AdapterLoadError:
+        return True  # a broken manifest of ours: it goes
 
 
 def _member_kwargs(name: str, hub_kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -37,8 +37,11 @@ class Method:
     (soft prompts) rather than on its layers. ``merges=False`` marks methods whose adapters cannot be
     folded into the base weights (soft prompts): ``merge_and_unload`` refuses to drop them silently.
     ``loads_adapters=False`` marks a method whose saved adapters are another method's (QLoRA saves plain
-    LoRA adapters): it is never chosen to read a file. ``broken`` is the reason a plugin was refused, for
-    the entries :func:`methods` lists for refused plugins (their other fields are then unknown).
+    LoRA adapters): it is never chosen to read a file. ``tensor_prefixes`` declares how the names of its
+    adapters' saved tensors begin, after the adapted layer's path (``("lora_",)`` for ``...q_proj.lora_A.weight``):
+    ``peft inspect`` then tells them from the base-model tensors a file replaces (``None``: not declared).
+    ``broken`` is the reason a plugin was refused, for the entries :func:`methods` lists for refused
+    plugins (their other fields are then unknown).
     """
 
     name: str
@@ -47,6 +50,7 @@ class Method:
     transforms_inputs: bool = False
     merges: bool = True
     loads_adapters: bool = True
+    tensor_prefixes: tuple[str, ...] | None = None
     package: str | None = None
     version: str | None = None
     broken: str | None = None

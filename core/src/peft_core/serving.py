@@ -157,11 +157,16 @@ class ServingModel:
             yield self.model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, **kwargs: Any) -> None:
+        """Load an adapter to serve beside the others. One whose file would change tensors of the base model
+        (trained biases, embeddings) is refused while other adapters are served, as is any adapter while one
+        has changed them: each adapter must run on the base model it was trained for."""
         with self.changing() as model:
-            model.load_adapter(model_id, adapter_name, **kwargs)
+            model.load_adapter(model_id, adapter_name, shared_base=bool(model.peft_config), **kwargs)
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, **kwargs: Any) -> None:
         with self.changing() as model:
+            if model.peft_config:
+                model.refuse_changed_base(adapter_name)
             model.add_adapter(adapter_name, peft_config, **kwargs)
 
     def delete_adapter(self, adapter_name: str) -> None:

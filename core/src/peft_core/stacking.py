@@ -13,9 +13,11 @@ in this library or in Hugging Face PEFT) and ``peft_stack.json`` listing the mem
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from peft_core.errors import AdapterLoadError, PeftError
@@ -91,22 +93,45 @@ def check_adapter_name(name: str) -> None:
         )
 
 
-def manifest_json(names: Sequence[str]) -> str:
-    return json.dumps({"adapters": list(names)}, indent=2) + "\n"
+@dataclass(frozen=True)
+class Manifest:
+    """A saved stack's ``peft_stack.json``: its members in order, and the SHA-256 of each member's
+    ``adapter_config.json`` as that save wrote it (absent in manifests of older versions)."""
+
+    names: list[str]
+    config_sha256: dict[str, str]
+
+    def check_member(self, name: str, config_sha256: str, source: str) -> None:
+        """Refuse a member whose config is not the one this manifest was saved with."""
+        recorded = self.config_sha256.get(name)
+        if recorded is not None and recorded != config_sha256:
+            raise AdapterLoadError(
+                f"{source}: member {name!r} is not the adapter {MANIFEST_NAME} was saved with (its config's SHA-256 "
+                f"is {config_sha256[:12]}..., the manifest records {recorded[:12]}...): the folder mixes adapters "
+                f"of different saves. Save the stack again, or load the member alone; pass verify_integrity=False "
+                f"to load the folder as it is."
+            )
 
 
-def read_manifest(path: str) -> list[str]:
-    """The member names of a saved stack, checked to be safe folder names."""
-    try:
-        with open(path, encoding="utf-8") as file:
-            names = json.load(file)["adapters"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise AdapterLoadError(f"{path} is not a valid stack manifest ({type(exc).__name__}: {exc}).") from None
+def manifest_json(names: Sequence[str], config_sha256: dict[str, str]) -> str:
+    return json.dumps({"adapters": list(names), "config_sha256": config_sha256}, indent=2) + "\n"
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+    """A saved stack's manifest, its member names checked to be safe folder names."""
+    from peft_core.serialization import parse_json
+
+    data = parse_json(Path(path).read_bytes(), str(path))
+    names = data.get("adapters") if isinstance(data, dict) else None
+    checksums = data.get("config_sha256", {}) if isinstance(data, dict) else None
     if not isinstance(names, list) or not names:
-        raise AdapterLoadError(f"{path} lists no adapters.")
+        raise AdapterLoadError(f"{path} is not a valid stack manifest: it lists no adapters.")
+    if not isinstance(checksums, dict) or not all(isinstance(v, str) for v in checksums.values()):
+        raise AdapterLoadError(f"{path} is not a valid stack manifest: 'config_sha256' is no mapping of names to "
+                               f"checksums.")
     for name in names:
         try:
             check_adapter_name(name)
         except PeftError as exc:
             raise AdapterLoadError(f"{path}: {exc}") from None
-    return names
+    return Manifest(names, checksums)

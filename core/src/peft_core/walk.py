@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from peft_core.errors import ConfigError
+from peft_core.patterns import block_index, compile_pattern
 
 if TYPE_CHECKING:
     from torch import nn
@@ -57,10 +58,11 @@ def plain_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in WRAPPER_COMPONENTS)
 
 
-def matches(name: str, patterns: list[str] | str) -> bool:
-    """A list matches a name equal to an entry or ending in ``.entry``; a string is a full-match regex."""
+def matches(name: str, patterns: list[str] | str, what: str = "target_modules") -> bool:
+    """A list matches a name equal to an entry or ending in ``.entry``; a string is a full-match regex,
+    matched in bounded time (:mod:`peft_core.patterns`) since it may come from a stranger's config."""
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
+        return compile_pattern(patterns, what).fullmatch(name)
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
@@ -76,15 +78,9 @@ def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None
         found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
         return int(found.group(1)) if found else None
     for pattern in [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern:
-        try:
-            found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<index>\d+)\.", name)
-        except re.error as exc:
-            raise ConfigError(
-                f"layers_pattern {pattern!r} is not a valid regular expression ({exc.msg}); give the name of the "
-                f"module list holding the blocks, e.g. 'layers'."
-            ) from None
-        if found:
-            return int(found.group("index"))
+        index = block_index(pattern, name)  # a user's regex: matched in bounded time; ConfigError if invalid
+        if index is not None:
+            return index
     return None
 
 
@@ -165,9 +161,10 @@ def find_target_modules(model: nn.Module, config: LayerConfig) -> list[tuple[str
                 continue
             if config.modules_to_save and matches(name, config.modules_to_save):
                 continue  # trained in full instead (a classifier head), as Hugging Face PEFT leaves it
-        elif not matches(name, targets):
+        elif not matches(name, targets, f"{type(config).__name__}.target_modules"):
             continue
-        if config.exclude_modules is not None and matches(name, config.exclude_modules):
+        if config.exclude_modules is not None and \
+                matches(name, config.exclude_modules, f"{type(config).__name__}.exclude_modules"):
             continue
         if config.layers_to_transform and indices.get(name) not in config.layers_to_transform:
             continue  # an empty list keeps every layer, as in Hugging Face PEFT

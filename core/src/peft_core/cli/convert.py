@@ -88,15 +88,18 @@ def to_diffusers(src: str, dst: str, component: str = "unet", force: bool = Fals
     """Convert the saved adapter ``src`` and write the diffusers file; return its path."""
     from safetensors.torch import save
 
-    from peft_core.integrations.diffusers import LORA_WEIGHT_NAME, METADATA_KEY
-    from peft_core.serialization import atomic_write_bytes, read_config_dict, read_weights, resolve_file
+    from peft_core.integrations.diffusers import LORA_WEIGHT_NAME, METADATA_KEY, diffusers_lora_config
+    from peft_core.serialization import atomic_write_bytes, read_adapter, resolve_file
     from peft_core.stacking import MANIFEST_NAME
 
     if resolve_file(src, MANIFEST_NAME, required=False) is not None:
         raise PeftError(f"{src} is a stack of adapters; convert one member (its subfolder) at a time.")
-    config = read_config_dict(src)
-    tensors, metadata = peft_to_diffusers(config, read_weights(src), component, src)
+    saved = read_adapter(src)  # read and checked as the loader reads and checks it
+    saved.peft_config()
+    config = saved.config
+    tensors, metadata = peft_to_diffusers(config, saved.tensors, component, src)
     file = Path(dst) if dst.endswith(".safetensors") else Path(dst, LORA_WEIGHT_NAME)
+    diffusers_lora_config(tensors, metadata, component, str(file))  # what is written must load
     _check_free(file, force)
     file.parent.mkdir(parents=True, exist_ok=True)
     header = {
@@ -146,22 +149,23 @@ def to_peft(src: str, dst: str, component: str = "unet", force: bool = False) ->
     """Convert the diffusers LoRA ``src`` (file, directory or Hub repo) and save it as a PEFT adapter in ``dst``."""
     from safetensors import safe_open
 
-    from peft_core.config import CONFIG_NAME, config_from_dict
+    from peft_core.config import CONFIG_NAME
     from peft_core.integrations.diffusers import LORA_WEIGHT_NAME, read_diffusers_lora
-    from peft_core.serialization import WEIGHTS_NAME, resolve_file, save_adapter
+    from peft_core.serialization import WEIGHTS_NAME, config_from_file, parse_json, resolve_file, save_adapter
 
     tensors, metadata = read_diffusers_lora(src)
     file = src if os.path.isfile(src) else resolve_file(src, LORA_WEIGHT_NAME)
     with safe_open(file, framework="pt") as f:
         header = f.metadata() or {}
     try:
-        saved_config = json.loads(header.get(CONFIG_HEADER_KEY) or "{}").get(component)
-    except (json.JSONDecodeError, AttributeError):
+        saved_config = parse_json((header.get(CONFIG_HEADER_KEY) or "{}").encode(), file).get(component)
+    except (AdapterLoadError, AttributeError):
         saved_config = None  # a damaged copy only costs the exact config; the factors decide
     config, out = diffusers_to_peft(tensors, metadata, saved_config, component, src)
-    # Validated by the LoRA config class either way, so what is written loads. The original config is
-    # written as it was, so nothing drifts; a rebuilt one with every field, as save_pretrained writes it.
-    parsed = config_from_dict(dict(config))
+    # Validated by the LoRA config class either way, as the loader validates it, so what is written loads. The
+    # original config is written as it was, so nothing drifts; a rebuilt one with every field, as
+    # save_pretrained writes it.
+    parsed = config_from_file(dict(config), f"{file} ({component})")
     text = json.dumps(config, indent=2, sort_keys=True) if config is saved_config else parsed.to_json_string(
         inference_mode=True
     )

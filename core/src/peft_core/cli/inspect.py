@@ -9,9 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peft_core.cli import add_legacy_bin_option
+
+if TYPE_CHECKING:
+    from peft_core.stacking import Manifest
 
 # Config fields that say how big an adapter is, for the methods of this project and Hugging Face PEFT:
 # LoRA-like ranks and scales, AdaLoRA's budget, soft prompts' length.
@@ -42,20 +45,24 @@ def describe(path_or_repo: str, allow_legacy_bin: bool = False, **hub_kwargs: An
 
     A stack gives ``{"stack": [names], "members": [descriptions], ...totals}``.
     """
-    from peft_core.serialization import resolve_file
+    from peft_core.serialization import reading, resolve_file
     from peft_core.stacking import MANIFEST_NAME, read_manifest
 
-    manifest = resolve_file(path_or_repo, MANIFEST_NAME, required=False, **hub_kwargs)
-    if manifest is None:
-        return describe_one(path_or_repo, allow_legacy_bin, **hub_kwargs)
-    from peft_core.model import _member_kwargs
+    with reading(path_or_repo):  # every file from one save
+        manifest = resolve_file(path_or_repo, MANIFEST_NAME, required=False, **hub_kwargs)
+        if manifest is None:
+            return describe_one(path_or_repo, allow_legacy_bin, **hub_kwargs)
+        from peft_core.model import _member_kwargs
 
-    names = read_manifest(manifest)
-    members = [{"name": name, **describe_one(path_or_repo, allow_legacy_bin, **_member_kwargs(name, hub_kwargs))}
-               for name in names]
+        stack = read_manifest(manifest)
+        members = [
+            {"name": name, **describe_one(path_or_repo, allow_legacy_bin, stack, name,
+                                          **_member_kwargs(name, hub_kwargs))}
+            for name in stack.names
+        ]
     return {
         "source": str(path_or_repo),
-        "stack": names,
+        "stack": stack.names,
         "parameters": sum(m["parameters"] for m in members),
         "tensors": sum(m["tensors"] for m in members),
         "file_size": sum(m["file_size"] for m in members),
@@ -63,18 +70,24 @@ def describe(path_or_repo: str, allow_legacy_bin: bool = False, **hub_kwargs: An
     }
 
 
-def describe_one(path_or_repo: str, allow_legacy_bin: bool = False, **hub_kwargs: Any) -> dict[str, Any]:
+def describe_one(
+    path_or_repo: str, allow_legacy_bin: bool = False, manifest: Manifest | None = None, name: str = "",
+    **hub_kwargs: Any,
+) -> dict[str, Any]:
     from peft_core.errors import AdapterLoadError
-    from peft_core.serialization import LEGACY_WEIGHTS_NAME, WEIGHTS_NAME, read_config_dict, read_weights, resolve_file
+    from peft_core.serialization import read_adapter
 
-    config = read_config_dict(path_or_repo, **hub_kwargs)
+    saved = read_adapter(path_or_repo, allow_legacy_bin=allow_legacy_bin, verify_integrity=False, **hub_kwargs)
+    config, tensors = saved.config, saved.tensors
     if not isinstance(config.get("peft_type"), str):
         raise AdapterLoadError(f"{path_or_repo}: adapter_config.json has no peft_type; it is not an adapter config.")
-    tensors = read_weights(path_or_repo, allow_legacy_bin=allow_legacy_bin, **hub_kwargs)
-    # read_weights found one of the two files; the size reported is that file's.
-    file = resolve_file(path_or_repo, WEIGHTS_NAME, required=False, **hub_kwargs) or resolve_file(
-        path_or_repo, LEGACY_WEIGHTS_NAME, **hub_kwargs
-    )
+    try:  # reported, not raised: inspecting a damaged adapter is how one finds out what is wrong with it
+        integrity = saved.verify()
+        if manifest is not None:
+            manifest.check_member(name, saved.config_sha256, str(path_or_repo))
+    except AdapterLoadError as exc:
+        integrity = f"MISMATCH: {exc}"
+    prefixes = _tensor_prefixes(config["peft_type"])
     # Ranks as the factors have them, which is what a pattern or a pruned AdaLoRA really left.
     ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith("lora_A.weight") and t.dim() >= 1})
     return {
@@ -87,10 +100,48 @@ def describe_one(path_or_repo: str, allow_legacy_bin: bool = False, **hub_kwargs
         "ranks_in_file": ranks,
         "parameters": sum(t.numel() for t in tensors.values()),
         "tensors": len(tensors),
-        "file": os.path.basename(file),
-        "file_size": os.path.getsize(file),
+        "file": os.path.basename(saved.weights_file),
+        "file_size": os.path.getsize(saved.weights_file),
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
+        "integrity": integrity,
+        # None: the method's plugin is not installed, or declares no tensor names to tell them apart by.
+        "replaces_base_tensors": None if prefixes is None else replaced_base_keys(
+            list(tensors), prefixes, config.get("modules_to_save") or []
+        ),
     }
+
+
+def _tensor_prefixes(peft_type: str) -> tuple[str, ...] | None:
+    from peft_core.errors import PluginError
+    from peft_core.plugins import registry
+
+    try:
+        return registry().method_for_peft_type(peft_type).tensor_prefixes
+    except PluginError:
+        return None
+
+
+def replaced_base_keys(keys: list[str], tensor_prefixes: tuple[str, ...], modules_to_save: list[str]) -> list[str]:
+    """The saved keys that address tensors of the base model itself, told from the file alone: keys under
+    ``base_model.model.`` that are neither the method's own tensors (a name starting with one of its
+    ``tensor_prefixes``) nor a ``modules_to_save`` copy. A module's original saved beside its copy
+    (Hugging Face PEFT's ``original_module``) is a base tensor."""
+    from peft_core.base_tensors import SAVED_PREFIX
+    from peft_core.walk import matches
+
+    found = []
+    for key in keys:
+        if not key.startswith(SAVED_PREFIX):
+            continue  # soft prompt rows, which are the method's own
+        parts = key.removeprefix(SAVED_PREFIX).split(".")
+        if tensor_prefixes and any(part.startswith(tensor_prefixes) for part in parts):
+            continue
+        if "original_module" not in parts and ("modules_to_save" in parts or any(
+            matches(".".join(parts[:end]), modules_to_save) for end in range(1, len(parts))
+        )):
+            continue
+        found.append(key)
+    return sorted(found)
 
 
 def _size(n: int) -> str:
@@ -105,6 +156,8 @@ def _print_one(info: dict[str, Any], indent: str = "") -> None:
     skip = {"source", "name", "file", "file_size", "parameters", "tensors"}
     print(f"{indent}source:         {info['source']}")
     for key, value in info.items():
+        if key == "replaces_base_tensors" and value == []:
+            value = "none"
         if key in skip or value in (None, [], {}):
             continue
         shown = ", ".join(map(str, value)) if isinstance(value, list) else value

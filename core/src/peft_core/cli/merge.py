@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from peft_core.cli import add_legacy_bin_option
+from peft_core.directory_commit import leftovers, staged_commit
 from peft_core.errors import PeftError
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -73,7 +74,7 @@ def check_out(out: Path, force: bool) -> None:
     """Refuse to write over a file or, without ``force``, into a directory that holds anything."""
     if out.exists() and not out.is_dir():
         raise PeftError(f"--out {out} is a file; give a directory.")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if out.is_dir() and set(os.listdir(out)) - set(leftovers(out)) and not force:
         raise PeftError(f"--out {out} is not empty; choose another directory or pass --force to write into it.")
 
 
@@ -99,7 +100,7 @@ def _adapter_task_type(adapter: str) -> str | None:
     manifest = resolve_file(adapter, MANIFEST_NAME, required=False)
     if manifest is None:
         return read_config_dict(adapter).get("task_type")
-    first = read_manifest(manifest)[0]
+    first = read_manifest(manifest).names[0]
     return read_config_dict(adapter, subfolder=None if first == "default" else first).get("task_type")
 
 
@@ -130,10 +131,14 @@ def merge(
     saved_dtype = DTYPES.get(dtype or "") or base_config.get("dtype") or base_config.get("torch_dtype") or "float32"
     merged = merged.to(getattr(torch, saved_dtype))
     merged.config.dtype = saved_dtype  # so from_pretrained(dtype="auto") gives back this dtype
-    out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(out)
+    tokenizer = None
     if any((Path(base) / name).is_file() for name in TOKENIZER_FILES):
-        transformers.AutoTokenizer.from_pretrained(base, trust_remote_code=False).save_pretrained(out)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    # The model and tokenizer files change as one unit: a kill or a failure leaves --out as it was.
+    with staged_commit(out) as staging:
+        merged.save_pretrained(staging.path)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging.path)
     return class_name
 
 

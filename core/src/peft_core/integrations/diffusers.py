@@ -30,11 +30,13 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from peft_core.errors import AdapterLoadError, PeftError
+from peft_core.patterns import NAME_SUFFIX, compile_pattern
 
 if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from peft_core.config import PeftConfig
     from peft_core.model import PeftModel
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -165,7 +167,7 @@ def read_diffusers_lora(
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
-    from peft_core.serialization import resolve_file
+    from peft_core.serialization import parse_json, resolve_file
 
     if os.path.isfile(path_or_dir):
         file = os.fspath(path_or_dir)
@@ -178,10 +180,9 @@ def read_diffusers_lora(
     except (SafetensorError, OSError) as exc:
         raise AdapterLoadError(f"{file} is no readable safetensors file ({exc}).") from exc
     raw = header.get(METADATA_KEY)
-    try:
-        metadata = json.loads(raw) if raw else None
-    except json.JSONDecodeError as exc:
-        raise AdapterLoadError(f"{file}: its {METADATA_KEY} header is not valid JSON ({exc}).") from exc
+    metadata = parse_json(raw.encode(), f"{file}'s {METADATA_KEY} header") if raw else None
+    if metadata is not None and not isinstance(metadata, dict):
+        raise AdapterLoadError(f"{file}: its {METADATA_KEY} header holds no JSON object.")
     return tensors, metadata
 
 
@@ -199,7 +200,6 @@ def load_diffusers_lora(
     (inactive until ``set_adapter``) and returns that model. ``is_trainable=False`` freezes the adapter and,
     for a new ``PeftModel``, puts it in eval mode, as ``PeftModel.from_pretrained`` does.
     """
-    from peft_core.config import config_from_dict
     from peft_core.model import PeftModel, get_peft_model
     from peft_core.serialization import copy_into
 
@@ -209,9 +209,7 @@ def load_diffusers_lora(
         tensors, found = read_diffusers_lora(path_or_dir, weight_name, **hub_kwargs)
         source = os.fspath(path_or_dir)
     metadata = dict(metadata) if metadata is not None else found
-    own = _component_tensors(tensors, component, source)
-    fields = _component_fields(metadata, component)
-    config = config_from_dict({"peft_type": "LORA", **_lora_config_fields(own, fields, source)})
+    config, own = diffusers_lora_config(tensors, metadata, component, source)
     config.inference_mode = True  # built as for inference; _set_trainable decides below
 
     adding = isinstance(model, PeftModel)
@@ -238,6 +236,18 @@ def load_diffusers_lora(
     return peft_model
 
 
+def diffusers_lora_config(
+    tensors: dict[str, torch.Tensor], metadata: Mapping[str, Any] | None, component: str, source: str
+) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """The config that rebuilds ``component``'s LoRA of a diffusers file, checked as every loaded config is,
+    and the component's tensors keyed relative to it. Raises what loading the file would raise."""
+    from peft_core.config import config_from_dict
+
+    own = _component_tensors(tensors, component, source)
+    fields = _component_fields(metadata, component)
+    return config_from_dict({"peft_type": "LORA", **_lora_config_fields(own, fields, source)}), own
+
+
 def _component_tensors(tensors: dict[str, torch.Tensor], component: str, source: str) -> dict[str, torch.Tensor]:
     """The component's tensors, keys relative to it; raises for layouts this module does not read."""
     prefix = f"{component}."
@@ -259,6 +269,12 @@ def _component_tensors(tensors: dict[str, torch.Tensor], component: str, source:
             "file into a diffusers pipeline with load_lora_weights and save it again with save_lora_weights"
         )
         raise AdapterLoadError(f"{source}: {component}.{example} is {hint}.")
+    not_float = [k for k, v in own.items() if not v.is_floating_point()]
+    if not_float:  # the loader would refuse it: factors are copied into floating-point adapters
+        raise AdapterLoadError(
+            f"{source}: {component}.{not_float[0]} is stored as {own[not_float[0]].dtype}; LoRA factors are "
+            f"floating-point numbers, so the file is corrupt or was not written as a LoRA."
+        )
     return own
 
 
@@ -313,8 +329,9 @@ def _lora_config_fields(tensors: dict[str, torch.Tensor], fields: dict[str, Any]
 
 
 def _pattern_value(pattern: Mapping[str, Any], path: str, default: Any) -> Any:
-    """The value of the first key matching the end of ``path``, by the rule peft and diffusers use."""
+    """The value of the first key matching the end of ``path``, by the rule peft and diffusers use. The keys
+    come from a file, so they are matched in bounded time (:mod:`peft_core.patterns`)."""
     for key, value in pattern.items():
-        if re.match(rf"(?:.*\.)?(?:{key})$", path):
+        if compile_pattern(key, "rank_pattern/alpha_pattern key", used_as=NAME_SUFFIX).fullmatch(path):
             return value
     return default

@@ -26,7 +26,7 @@ PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is writte
 
 @hookimpl
 def peft_register_methods(register: Callable[[Method], None]) -> None:
-    register(Method(name="bitfit", peft_type="BITFIT", config_class=BitFitConfig))
+    register(Method(name="bitfit", peft_type="BITFIT", config_class=BitFitConfig, tensor_prefixes=("bitfit_",)))
 
 
 @hookimpl

@@ -21,7 +21,7 @@ PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is writte
 
 @hookimpl
 def peft_register_methods(register) -> None:
-    register(Method(name="adalora", peft_type="ADALORA", config_class=AdaLoraConfig))
+    register(Method(name="adalora", peft_type="ADALORA", config_class=AdaLoraConfig, tensor_prefixes=("lora_",)))
 
 
 @hookimpl

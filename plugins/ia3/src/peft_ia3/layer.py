@@ -103,7 +103,8 @@ class IA3Conv2d(IA3Adapter):
 
 
 def _feedforward(config: IA3Config, module_name: str) -> bool:
-    return bool(config.feedforward_modules) and matches(module_name, config.feedforward_modules)
+    return bool(config.feedforward_modules) and \
+        matches(module_name, config.feedforward_modules, "IA3Config.feedforward_modules")
 
 
 IA3_LAYERS = LayerTable({

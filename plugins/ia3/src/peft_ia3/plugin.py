@@ -17,7 +17,7 @@ PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is writte
 
 @hookimpl
 def peft_register_methods(register) -> None:
-    register(Method(name="ia3", peft_type="IA3", config_class=IA3Config))
+    register(Method(name="ia3", peft_type="IA3", config_class=IA3Config, tensor_prefixes=("ia3_",)))
 
 
 @hookimpl

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from peft_core.config import _ANY, LayerConfig, check_finite, check_regex
 from peft_core.errors import ConfigError
+from peft_core.patterns import NAME_SUFFIX, compile_pattern
 
 INIT_CHOICES = (True, False, "gaussian", "pissa")
 BIAS_CHOICES = ("none", "all", "lora_only")
@@ -57,7 +58,7 @@ class LoraConfig(LayerConfig):
             check_finite("LoraConfig", f"alpha_pattern[{key!r}]", alpha)
         for name in ("rank_pattern", "alpha_pattern"):
             for key in getattr(self, name):
-                check_regex(f"The LoraConfig.{name} key", key, used_as=_key_regex("{}"))
+                check_regex(f"The LoraConfig.{name} key", key, used_as=NAME_SUFFIX)
         if not 0 <= self.lora_dropout < 1:
             raise ConfigError(f"lora_dropout must be in [0, 1), not {self.lora_dropout!r}.")
         if self.bias not in BIAS_CHOICES:
@@ -76,15 +77,12 @@ class LoraConfig(LayerConfig):
 
 
 def pattern_value(pattern: dict[str, Any], module_name: str, default: Any) -> Any:
-    """The value of the first key that matches the end of ``module_name`` (a suffix or a regex)."""
+    """The value of the first key that matches the end of ``module_name`` (a suffix or a regex), as in HF PEFT.
+    Keys come from strangers' files, so they are matched in bounded time (:mod:`peft_core.patterns`)."""
     for key, value in pattern.items():
-        if re.match(_key_regex(key), module_name):
+        if compile_pattern(key, "LoraConfig pattern key", used_as=NAME_SUFFIX).fullmatch(module_name):
             return value
     return default
-
-
-def _key_regex(key: str) -> str:
-    return rf"(?:.*\.)?(?:{key})$"
 
 
 def pissa_iterations(init: object) -> int | None:

@@ -21,7 +21,7 @@ PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is writte
 
 @hookimpl
 def peft_register_methods(register) -> None:
-    register(Method(name="lora", peft_type="LORA", config_class=LoraConfig))
+    register(Method(name="lora", peft_type="LORA", config_class=LoraConfig, tensor_prefixes=("lora_",)))
 
 
 @hookimpl

@@ -23,7 +23,7 @@ PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is writte
 def peft_register_methods(register) -> None:
     register(Method(
         name="p-tuning", peft_type="P_TUNING", config_class=PromptEncoderConfig, transforms_inputs=True,
-        merges=False,
+        merges=False, tensor_prefixes=(),
     ))
 
 

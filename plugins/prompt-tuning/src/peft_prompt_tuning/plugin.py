@@ -23,7 +23,7 @@ PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is writte
 def peft_register_methods(register) -> None:
     register(Method(
         name="prompt-tuning", peft_type="PROMPT_TUNING", config_class=PromptTuningConfig,
-        transforms_inputs=True, merges=False,
+        transforms_inputs=True, merges=False, tensor_prefixes=(),
     ))
 
 

@@ -45,7 +45,9 @@ PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is writte
 @hookimpl
 def peft_register_methods(register) -> None:
     # QLoRA saves plain LoRA adapters: the lora plugin reads them, so this method never loads files.
-    register(Method(name="qlora", peft_type="LORA", config_class=QLoraConfig, loads_adapters=False))
+    register(Method(
+        name="qlora", peft_type="LORA", config_class=QLoraConfig, loads_adapters=False, tensor_prefixes=("lora_",)
+    ))
 
 
 @hookimpl
