@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from peft_core.config import PeftConfig
-    from peft_core.plugins import Method
+    from peft_core.plugins import AdapterFormat, LayerType, Method
 
 hookspec = pluggy.HookspecMarker("peft_core")
 
@@ -50,6 +50,38 @@ def peft_default_targets(register: Callable[[str, str, list[str]], None]) -> Non
     name, ``role`` the ``DEFAULT_TARGETS_ROLE`` of the configs that read it (``"attention"`` for LoRA,
     ``"ia3"`` and ``"feedforward"`` for IA3, or your method's). Entries replace the built-in ones of
     :mod:`peft_core.targets` for the same family and role.
+    """
+
+
+@hookspec
+def peft_register_layer_types(register: Callable[[LayerType], None]) -> None:
+    """Teach the core a layer class that is neither torch's nor transformers' (a quantized Linear).
+
+    Called once, when plugins are loaded. Call ``register(LayerType(qualified_name, ...))`` for each class:
+    whether ``target_modules="all-linear"`` targets it, how its weight is read and written as a dense tensor
+    (merging, DoRA and PiSSA go through these), and how many elements its packed weight stands for
+    (trainable-parameter counts). A class another plugin registered is refused.
+    """
+
+
+@hookspec
+def peft_register_formats(register: Callable[[AdapterFormat], None]) -> None:
+    """Provide a foreign adapter format, such as diffusers' LoRA files.
+
+    Called once, when plugins are loaded. Call ``register(AdapterFormat(name=..., ...))``: ``peft convert
+    --to NAME`` then writes a saved adapter in that format and ``--from NAME`` reads one, for whichever
+    method the plugin supports. A name another plugin registered is refused.
+    """
+
+
+@hookspec
+def peft_register_commands(register: Callable[[str, Callable[[Any], Any]], None]) -> None:
+    """Add subcommands to the ``peft`` command.
+
+    Called when the command starts. Call ``register(name, add_parser)``; ``add_parser(subparsers)`` adds an
+    ``argparse`` parser named ``name`` to ``subparsers`` and sets its default ``run(args) -> int``. Errors a
+    subcommand raises become one line on stderr, as for the core's own commands. A name already taken is
+    refused.
     """
 
 
@@ -98,6 +130,16 @@ def peft_forward(
 
 
 @hookspec
+def peft_loss(model: nn.Module, config: PeftConfig, adapter_name: str, outputs: Any) -> torch.Tensor | None:
+    """A term to add to the training loss, such as a regulariser of the adapter's weights.
+
+    Called by ``PeftModel.forward`` in training mode, once per call, for each active trainable adapter whose
+    :class:`~peft_core.plugins.Method` declares ``adds_loss=True``, when the model's outputs carry a
+    ``loss``. Receives those outputs. Returns a scalar tensor, added to ``outputs.loss``, or ``None``.
+    """
+
+
+@hookspec
 def peft_optimizer_step(model: nn.Module, config: PeftConfig, adapter_name: str, step: int) -> None:
     """React to an optimizer step of a training loop peft-core runs (``peft train``).
 
@@ -105,6 +147,16 @@ def peft_optimizer_step(model: nn.Module, config: PeftConfig, adapter_name: str,
     0-based index of the step. For methods whose training needs more than the optimizer (AdaLoRA's rank
     allocator). Return nothing; implementations ignore configs that are not theirs. Loops written by users
     call the method's own API instead (AdaLoRA: ``update_and_allocate`` or ``install_allocator``).
+    """
+
+
+@hookspec
+def peft_delete(model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+    """An adapter is being deleted or unloaded: remove what the plugin installed for it besides the modules
+    it injected (hooks, allocators, buffers shared across layers), so nothing of it is left behind.
+
+    Called by ``delete_adapter``, ``unload`` and ``merge_and_unload``, before the core takes the adapter's
+    modules out, for every plugin; implementations ignore configs that are not theirs. Returns nothing.
     """
 
 
@@ -166,4 +218,18 @@ def peft_state_dict(
     then hold it, and its original is kept and written back when the adapter is deleted or unloaded; a
     file's keys for undeclared base tensors are refused. Returns the mapping, or ``None`` to leave it to
     the next implementation (peft-core's default covers adapter layers and ``modules_to_save``).
+    """
+
+
+# --- describing -------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def peft_describe(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """Facts about a saved adapter that only its method knows, for ``peft inspect`` (LoRA: the ranks its
+    factors really have).
+
+    Called by ``peft inspect`` for each adapter it describes. Receives the adapter's ``adapter_config.json``
+    as a dict and its tensors, without a model. Returns a JSON-ready dict of extra fields, or ``None`` if the
+    adapter is not this plugin's.
     """

@@ -42,7 +42,7 @@ from peft_core.serialization import (
 from peft_core.soft_prompt import detach_soft_prompts, rewrite_mixed, soft_prompt
 from peft_core.stacking import MANIFEST_NAME, Manifest, Stack, check_adapter_name, manifest_json, read_manifest
 from peft_core.tied_embeddings import check_vocabulary, mark_shared_weights, record_untied_embeddings
-from peft_core.walk import is_checkpointing, iter_modules, plain_name, replace_module
+from peft_core.walk import is_checkpointing, iter_modules, plain_name, qualified_names, replace_module
 
 # The PeftModel whose generate() runs in this thread (and context), if any.
 _generating: contextvars.ContextVar[PeftModel | None] = contextvars.ContextVar("peft_generating", default=None)
@@ -448,12 +448,16 @@ class PeftModel(nn.Module):
     # --- parameters --------------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable parameters, all parameters); 4-bit packed weights count as their unpacked size."""
+        """(trainable parameters, all parameters); a packed (quantized) weight counts as the elements it stands
+        for, as its plugin's ``LayerType.weight_elements`` says."""
+        packed = {}
+        for module in self.modules():
+            registered = registry().layer_type(qualified_names(module))
+            if registered is not None and registered.weight_elements is not None:
+                packed[id(module.weight)] = registered.weight_elements(module)
         trainable = total = 0
         for param in self.parameters():
-            count = param.numel()
-            if type(param).__name__ == "Params4bit":
-                count *= 2 * param.element_size()
+            count = packed.get(id(param), param.numel())
             total += count
             if param.requires_grad:
                 trainable += count

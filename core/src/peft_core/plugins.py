@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -37,11 +38,12 @@ class Method:
     (soft prompts) rather than on its layers. ``merges=False`` marks methods whose adapters cannot be
     folded into the base weights (soft prompts): ``merge_and_unload`` refuses to drop them silently.
     ``loads_adapters=False`` marks a method whose saved adapters are another method's (QLoRA saves plain
-    LoRA adapters): it is never chosen to read a file. ``tensor_prefixes`` declares how the names of its
-    adapters' saved tensors begin, after the adapted layer's path (``("lora_",)`` for ``...q_proj.lora_A.weight``):
-    ``peft inspect`` then tells them from the base-model tensors a file replaces (``None``: not declared).
-    ``broken`` is the reason a plugin was refused, for the entries :func:`methods` lists for refused
-    plugins (their other fields are then unknown).
+    LoRA adapters): it is never chosen to read a file. ``adds_loss=True`` marks a method whose training
+    adds a term to the loss through ``peft_loss`` (AdaLoRA's orthogonality penalty). ``tensor_prefixes``
+    declares how the names of its adapters' saved tensors begin, after the adapted layer's path
+    (``("lora_",)`` for ``...q_proj.lora_A.weight``): ``peft inspect`` then tells them from the base-model
+    tensors a file replaces (``None``: not declared). ``broken`` is the reason a plugin was refused, for
+    the entries :func:`methods` lists for refused plugins (their other fields are then unknown).
     """
 
     name: str
@@ -50,10 +52,50 @@ class Method:
     transforms_inputs: bool = False
     merges: bool = True
     loads_adapters: bool = True
+    adds_loss: bool = False
     tensor_prefixes: tuple[str, ...] | None = None
     package: str | None = None
     version: str | None = None
     broken: str | None = None
+
+
+@dataclass(frozen=True)
+class LayerType:
+    """A layer class the core does not know by itself, registered through ``peft_register_layer_types``.
+
+    ``qualified_name`` is the class's module and name (``"bitsandbytes.nn.modules.Linear4bit"``); subclasses
+    match it unless registered themselves. ``linear_like``: ``target_modules="all-linear"`` targets it.
+    ``read_weight(layer)`` gives its weight as a dense tensor in the stored layout and ``write_weight(layer,
+    weight)`` stores one; a lossy write (re-quantizing) must give the layer a new weight parameter, so that an
+    unmerge restores the old one exactly. Both None: the layer's ``weight`` is a plain tensor.
+    ``weight_elements(layer)``: how many elements a packed weight stands for, in trainable-parameter counts.
+    """
+
+    qualified_name: str
+    linear_like: bool = True
+    read_weight: Callable[[Any], Any] | None = None
+    write_weight: Callable[[Any, Any], None] | None = None
+    weight_elements: Callable[[Any], int] | None = None
+    package: str | None = None
+
+
+@dataclass(frozen=True)
+class AdapterFormat:
+    """A foreign adapter format, registered through ``peft_register_formats``.
+
+    ``export(saved, destination, options) -> path`` writes a saved adapter (a
+    :class:`~peft_core.serialization.SavedAdapter`, read and checked as the loader reads it) in this format;
+    ``import_(source, destination, options) -> path`` saves a file of this format as an adapter in Hugging
+    Face PEFT's format. Each checks what it writes as the loader would. ``options`` holds the format's own
+    settings by name, which ``add_arguments(parser)`` adds to ``peft convert``.
+    """
+
+    name: str
+    description: str
+    export: Callable[..., str]
+    import_: Callable[..., str]
+    add_arguments: Callable[[Any], None] | None = None
+    package: str | None = None
 
 
 def package_for_peft_type(peft_type: str) -> str:
@@ -68,11 +110,14 @@ class PluginRegistry:
         self.manager = pluggy.PluginManager("peft_core")
         self.manager.add_hookspecs(hookspecs)
         self.methods: dict[str, Method] = {}
+        self.layer_types: dict[str, LayerType] = {}
+        self.formats: dict[str, AdapterFormat] = {}
         self.broken: dict[str, str] = {}  # plugin name -> why it was refused
         self.refused: list[Method] = []  # an entry per refused plugin, for methods()
-        from peft_core import defaults
+        from peft_core import cli, defaults
 
         self.manager.register(defaults, name="peft_core.defaults")
+        self.manager.register(cli, name="peft_core.cli")  # the peft command's own subcommands
 
     @property
     def hook(self) -> Any:
@@ -115,10 +160,14 @@ class PluginRegistry:
             self._check_api_version(plugin, label)
             self._check_hooks(plugin, label)
             new_methods = self._collect_methods(plugin, label, package, version)
+            new_layer_types = self._collect(plugin, "peft_register_layer_types", "qualified_name", label, package)
+            new_formats = self._collect(plugin, "peft_register_formats", "name", label, package)
         except Exception:
             self.manager.unregister(name=name)
             raise
         self.methods.update(new_methods)
+        self.layer_types.update(new_layer_types)
+        self.formats.update(new_formats)
 
     def _check_api_version(self, plugin: object, label: str) -> None:
         declared = getattr(plugin, "PEFT_CORE_API", API_VERSION)
@@ -158,6 +207,51 @@ class PluginRegistry:
             if impl.plugin is plugin:
                 impl.function(**{arg: register_method for arg in impl.argnames})
         return found
+
+    def _collect(self, plugin: object, hook: str, key: str, label: str, package: str | None) -> dict[str, Any]:
+        """What ``plugin``'s registration hook ``hook`` registers, keyed by each entry's ``key`` field; a key
+        another plugin (or this one) took already is refused."""
+        taken = {"peft_register_layer_types": self.layer_types, "peft_register_formats": self.formats}[hook]
+        found: dict[str, Any] = {}
+
+        def register_entry(entry: Any) -> None:
+            name = getattr(entry, key)
+            if name in taken or name in found:
+                other = taken[name].package if name in taken else label
+                raise PluginError(f"Plugin {label} registers {name!r} through {hook}, which {other or 'user code'} "
+                                  f"registered already. Uninstall one of the two.")
+            found[name] = replace(entry, package=package or entry.package)
+
+        for impl in getattr(self.manager.hook, hook).get_hookimpls():
+            if impl.plugin is plugin:
+                impl.function(**{arg: register_entry for arg in impl.argnames})
+        return found
+
+    def layer_type(self, qualified_names: Iterable[str]) -> LayerType | None:
+        """The registered entry of the first of these class names (a layer's class, then its bases)."""
+        return next((self.layer_types[n] for n in qualified_names if n in self.layer_types), None)
+
+    def commands(self) -> dict[str, Callable[[Any], Any]]:
+        """Subcommand name -> ``add_parser`` of every plugin's ``peft_register_commands``, the core's first."""
+        found: dict[str, Callable[[Any], Any]] = {}
+
+        def register_command(name: str, add_parser: Callable[[Any], Any]) -> None:
+            if name in found:
+                raise PluginError(f"Two plugins add the subcommand 'peft {name}'. Uninstall one of the two.")
+            found[name] = add_parser
+
+        self.hook.peft_register_commands(register=register_command)
+        return found
+
+    def first_answer(self, hook: str, **kwargs: Any) -> tuple[Callable[..., Any] | None, Any]:
+        """Call ``hook``'s implementations in pluggy's order until one answers (not None), as a first-result
+        hook does; return that implementation's function too, so a caller can call it directly from then on
+        instead of dispatching through pluggy on every model call."""
+        for impl in reversed(getattr(self.manager.hook, hook).get_hookimpls()):
+            answer = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
+            if answer is not None:
+                return impl.function, answer
+        return None, None
 
     def method_for_config(self, config: PeftConfig) -> Method:
         # The most derived registered class wins, so a subclass method (QLoRA of LoRA) is found.

@@ -15,9 +15,9 @@ if TYPE_CHECKING:
 
     from peft_core.config import LayerConfig
 
-# Qualified class names of layers that compute like a Linear. Plugins add theirs (e.g. quantized
-# Linear layers) with register_linear_like; names avoid importing transformers to test a type.
-_LINEAR_LIKE = {"torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D"}
+# Qualified class names of the torch and transformers layers that compute like a Linear; plugins add others
+# (quantized Linear layers) through peft_register_layer_types. Names avoid importing transformers to test a type.
+LINEAR_LIKE = frozenset({"torch.nn.modules.linear.Linear", "transformers.pytorch_utils.Conv1D"})
 
 
 def qualified_names(module: nn.Module) -> Iterator[str]:
@@ -26,13 +26,15 @@ def qualified_names(module: nn.Module) -> Iterator[str]:
         yield f"{cls.__module__}.{cls.__qualname__}"
 
 
-def register_linear_like(qualified_name: str) -> None:
-    """Declare a layer class that ``"all-linear"`` should target."""
-    _LINEAR_LIKE.add(qualified_name)
-
-
 def is_linear_like(module: nn.Module) -> bool:
-    return any(name in _LINEAR_LIKE for name in qualified_names(module))
+    """Whether ``target_modules="all-linear"`` targets a layer of this class."""
+    from peft_core.plugins import registry
+
+    names = list(qualified_names(module))
+    if any(name in LINEAR_LIKE for name in names):
+        return True
+    registered = registry().layer_type(names)
+    return registered is not None and registered.linear_like
 
 
 def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:

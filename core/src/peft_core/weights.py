@@ -1,14 +1,14 @@
 """Reading and writing a base layer's weight as a dense tensor, by layer type.
 
 Merging, DoRA and PiSSA go through these two functions, so a quantized layer (whose weight is stored
-packed) works with them once its plugin registers how to dequantize and re-quantize it. Registration
-needs no torch import, so a plugin can register when it is discovered.
+packed) works with them once its plugin registers how to dequantize and re-quantize it
+(``peft_register_layer_types``).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from typing import TYPE_CHECKING
 
 from peft_core.errors import PeftError
@@ -18,53 +18,37 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-WeightReader = Callable[["nn.Module"], "torch.Tensor"]
-WeightWriter = Callable[["nn.Module", "torch.Tensor"], None]
+    from peft_core.plugins import LayerType
 
 
-def _read_plain(layer: nn.Module) -> torch.Tensor:
-    return layer.weight.detach()
+def _registered(layer: nn.Module) -> LayerType | None:
+    from peft_core.plugins import registry
 
-
-def _write_plain(layer: nn.Module, weight: torch.Tensor) -> None:
-    import torch
-
-    with torch.no_grad():
-        layer.weight.copy_(weight.to(layer.weight.dtype))  # in place: tied weights stay tied
-
-
-_WEIGHT_ACCESS: dict[str, tuple[WeightReader, WeightWriter]] = {}
-
-
-def register_weight_access(qualified_name: str, read: WeightReader, write: WeightWriter) -> None:
-    """Teach the core to read and write the dense weight of a layer class, e.g. a quantized Linear.
-
-    Such a write is lossy (it re-quantizes), so ``write`` must give the layer a new weight parameter
-    rather than change the old one in place: unmerging then restores the old parameter exactly.
-    """
-    _WEIGHT_ACCESS[qualified_name] = (read, write)
+    found = registry().layer_type(qualified_names(layer))
+    return found if found is not None and found.read_weight is not None else None
 
 
 def writes_exactly(layer: nn.Module) -> bool:
     """Whether ``write_weight`` stores what it is given (plain layers) or an approximation (quantized)."""
-    return _weight_access(layer)[1] is _write_plain
-
-
-def _weight_access(layer: nn.Module) -> tuple[WeightReader, WeightWriter]:
-    for name in qualified_names(layer):
-        if name in _WEIGHT_ACCESS:
-            return _WEIGHT_ACCESS[name]
-    return _read_plain, _write_plain
+    return _registered(layer) is None
 
 
 def read_weight(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as a dense tensor in its stored layout (dequantized if need be), detached."""
-    return _weight_access(layer)[0](layer)
+    registered = _registered(layer)
+    return layer.weight.detach() if registered is None else registered.read_weight(layer)
 
 
 def write_weight(layer: nn.Module, weight: torch.Tensor) -> None:
     """Set the layer's weight from a dense tensor in its stored layout (quantizing it if need be)."""
-    _weight_access(layer)[1](layer, weight)
+    registered = _registered(layer)
+    if registered is not None:
+        registered.write_weight(layer, weight)
+        return
+    import torch
+
+    with torch.no_grad():
+        layer.weight.copy_(weight.to(layer.weight.dtype))  # in place: tied weights stay tied
 
 
 @contextlib.contextmanager

@@ -1,6 +1,8 @@
-"""The ``peft`` command: see what is installed, inspect, merge and convert adapters, fine-tune a model.
+"""The ``peft`` command: see what is installed, inspect, merge and convert adapters, and whatever installed
+packages add (``peft train`` comes with peft-train).
 
-Each subcommand is a module of this package with ``add_parser(subparsers)`` and ``run(args) -> int``.
+Subcommands are found like methods, through the ``peft_register_commands`` hook: the core registers its
+own here, each a module of this package with ``add_parser(subparsers)`` setting ``run(args) -> int``.
 Errors the user can fix (a bad path, a wrong base model, an unknown method) print one line and exit with
 status 1; ``--debug`` shows the traceback instead. Usage errors exit with status 2.
 """
@@ -10,9 +12,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
-COMMANDS = ("methods", "inspect", "merge", "convert", "train")
+from peft_core.plugins import hookimpl
+
+CORE_COMMANDS = ("methods", "inspect", "merge", "convert", "train")
+DESCRIPTION = (
+    "Parameter-efficient fine-tuning adapters: see which methods are installed, inspect, merge and convert "
+    "saved adapters, and run the subcommands installed packages add."
+)
+
+
+@hookimpl(tryfirst=True)
+def peft_register_commands(register: Callable[[str, Callable[[Any], Any]], None]) -> None:
+    for name in CORE_COMMANDS:
+        register(name, lambda subparsers, name=name: importlib.import_module(f"peft_core.cli.{name}").add_parser(
+            subparsers
+        ))
 
 
 def add_legacy_bin_option(parser: argparse.ArgumentParser) -> None:
@@ -22,17 +39,15 @@ def add_legacy_bin_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft", description=__doc__.splitlines()[0])
+    from peft_core import __version__
+    from peft_core.plugins import registry
+
+    parser = argparse.ArgumentParser(prog="peft", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"peft-core {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"peft_core.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"peft_core.cli.{name}":
-                raise
-            continue  # a subcommand not written yet
-        module.add_parser(subparsers)
+    for add_parser in registry().commands().values():
+        add_parser(subparsers)
     return parser
 
 

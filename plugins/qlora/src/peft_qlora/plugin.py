@@ -9,8 +9,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from peft_core import Method, hookimpl
-from peft_core.walk import register_linear_like
-from peft_core.weights import register_weight_access
 
 from peft_qlora.config import QLoraConfig
 
@@ -33,13 +31,22 @@ def _write(layer: nn.Module, weight: torch.Tensor) -> None:
     write_quantized(layer, weight)
 
 
-# Registered on discovery, so LoRA on a model transformers quantized merges correctly too.
-for _name in QUANTIZED_LINEAR:
-    register_weight_access(_name, _read, _write)
-    register_linear_like(_name)
+def _weight_elements(layer: nn.Module) -> int:
+    """A 4-bit weight packs two values into each byte of its uint8 storage; an 8-bit one stores one each."""
+    weight = layer.weight
+    return weight.numel() * 2 * weight.element_size() if type(weight).__name__ == "Params4bit" else weight.numel()
 
 
 PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is written for
+
+
+@hookimpl
+def peft_register_layer_types(register) -> None:
+    # Registered on discovery, so LoRA on a model transformers quantized merges and counts correctly too.
+    from peft_core.plugins import LayerType
+
+    for name in QUANTIZED_LINEAR:
+        register(LayerType(name, read_weight=_read, write_weight=_write, weight_elements=_weight_elements))
 
 
 @hookimpl
