@@ -10,12 +10,15 @@ import weakref
 
 import pytest
 import torch
+from peft_adalora import AdaLoraConfig, update_and_allocate
 from peft_core import AdapterLayer, PeftModel, get_peft_model, stack
 from peft_core.testing import tiny_model
 from peft_ia3 import IA3Config
 from peft_ia3.layer import IA3Adapter
 from peft_lora import LoraConfig
 from peft_lora.layer import LoraAdapter
+from peft_p_tuning import PromptEncoderConfig
+from peft_prefix_tuning import PrefixTuningConfig
 from peft_prompt_tuning import PromptTuningConfig
 from torch import nn
 
@@ -149,6 +152,59 @@ def test_deleting_an_adapter_drops_what_mixed_batches_derived_from_it(llama_dir,
     gc.collect()
     assert list(layer.adapters) == ["keep"]
     assert layer._mixed_caches == {} and deleted() is None
+
+
+# Every method, trained a step (AdaLoRA: its penalty in the loss and an allocation) between adding and deleting.
+EVERY_METHOD = {
+    "lora": lambda: LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    "ia3": lambda: IA3Config(init_ia3_weights=False),
+    "adalora": lambda: AdaLoraConfig(target_modules=["q_proj", "v_proj"], init_r=4, target_r=2, total_step=60,
+                                     tinit=1, tfinal=1, deltaT=1),
+    "prompt-tuning": lambda: PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+    "prefix-tuning": lambda: PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
+    "p-tuning": lambda: PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=16, task_type="CAUSAL_LM"),
+}
+
+
+@pytest.mark.parametrize("method", EVERY_METHOD)
+def test_adding_training_and_deleting_each_method_leaves_nothing_behind(llama_dir, saved, method):
+    model = serving_model(llama_dir, saved)
+    base = model.get_base_model()
+    before, base_state = footprint(model), set(base.__dict__)
+    deleted = []
+    for i in range(30):
+        name = f"{method}-{i}"
+        model.add_adapter(name, EVERY_METHOD[method]())
+        model.set_adapter(name)
+        model.train()
+        model(input_ids=INPUT_IDS, labels=INPUT_IDS).loss.backward()
+        if method == "adalora":
+            update_and_allocate(model, i)
+        deleted += [weakref.ref(m.adapters[name]) for m in model.modules() if isinstance(m, AdapterLayer)
+                    and name in m.adapters]
+        deleted += [weakref.ref(prompt) for prompt in getattr(base, "peft_soft_prompts", {}).values()]
+        model.set_adapter("keep")
+        model.eval()
+        model.zero_grad(set_to_none=True)
+        model.delete_adapter(name)
+    gc.collect()
+    assert footprint(model) == before
+    assert set(base.__dict__) == base_state  # no hook handle, allocator table or other bookkeeping left
+    assert deleted and all(ref() is None for ref in deleted)  # nothing holds a deleted adapter's modules
+
+
+def test_a_deleted_adalora_adapter_leaves_no_hook_and_no_allocator(llama_dir):
+    model = get_peft_model(tiny_model("llama", llama_dir), LoraConfig(r=2, target_modules=["o_proj"]))
+    base = model.get_base_model()
+    hooks = [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in base.modules()]
+    model.add_adapter("ada", EVERY_METHOD["adalora"]())
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    adapter = weakref.ref(layer.adapters["ada"])
+    model.delete_adapter("ada")
+    gc.collect()
+    assert [len(m._forward_hooks) + len(m._forward_pre_hooks) for m in base.modules()] == hooks
+    assert "_adalora_allocators" not in base.__dict__
+    assert adapter() is None  # nothing (an allocator) holds the deleted adapter's modules
 
 
 # --- merge and unmerge drift -------------------------------------------------------------------------

@@ -26,14 +26,14 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from peft_core import AdapterLayer, AdapterLoadError, PeftError, PeftModel, get_peft_model
-from peft_core.integrations.diffusers import (
+from peft_lora import LoraConfig
+from peft_lora.diffusers import (
     LORA_WEIGHT_NAME,
     METADATA_KEY,
     diffusers_lora_state_dict,
     load_diffusers_lora,
     save_diffusers_lora,
 )
-from peft_lora import LoraConfig
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -378,8 +378,9 @@ def test_the_docs_example_runs():
         assert len(f.read()) > 10_000
 
 
-def test_importing_peft_core_and_the_integration_leaves_diffusers_unloaded():
-    probe = ("import sys, peft_core, peft_core.integrations.diffusers; "
-             "print('diffusers' in sys.modules, 'safetensors' in sys.modules)")
+def test_importing_the_format_and_discovering_plugins_leaves_diffusers_unloaded():
+    probe = ("import sys, peft_core, peft_lora.diffusers; from peft_core.plugins import registry; "
+             "print('diffusers' in registry().formats, *(m in sys.modules for m in ('diffusers', 'safetensors', "
+             "'torch')))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
-    assert done.stdout.split() == ["False", "False"]
+    assert done.stdout.split() == ["True", "False", "False", "False"]

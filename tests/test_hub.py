@@ -33,9 +33,11 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -579,6 +581,93 @@ def test_a_saved_stack_loads_from_the_hub(hub, llama_dir, input_ids, tmp_path):
             "/peft-core-tests/stacks/resolve/main/stacks/v1/ia3/adapter_config.json"} <= fetched
 
 
+# --- peft inspect ----------------------------------------------------------------------------------
+
+
+def closed_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on: connecting is refused at once, as without a network."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def peft_command(*argv: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    """The installed ``peft`` command in a fresh interpreter, which reads ``HF_*`` from its environment as a
+    user's shell would set it; and how long it took."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "0", "NO_PROXY": "127.0.0.1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+                **env}
+    for variable in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        full_env.pop(variable, None)
+    start = time.monotonic()
+    done = subprocess.run([Path(sys.executable).with_name("peft"), *argv], capture_output=True, text=True,
+                          env=full_env, timeout=120)
+    return done, time.monotonic() - start
+
+
+def test_peft_inspect_reads_a_repo_with_token_revision_and_subfolder(hub, llama_dir, tmp_path, capsys):
+    from peft_core.cli import main
+
+    repo = "peft-core-tests/inspected"
+    first = hub.add_folder(repo, saved(adapted(llama_dir, lora(r=4), seed=1), tmp_path / "first"),
+                           prefix="adapters/chat", private=True)
+    hub.add_folder(repo, saved(adapted(llama_dir, lora(r=2), seed=2), tmp_path / "second"), prefix="adapters/chat")
+    argv = ["inspect", repo, "--subfolder", "adapters/chat", "--json"]
+    capsys.readouterr()  # the models' progress bars
+
+    assert main(argv) == 1  # private: refused without the token, in one line that says what to do
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "401" in err and "token" in err
+
+    hub.seen.clear()
+    assert main([*argv, "--token", TOKEN]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["source"] == f"{repo}/adapters/chat" and info["r"] == 2
+    assert info["parameters"] == sum(t.numel() for t in read_safetensors(tmp_path / "second").values())
+    asked = [s for s in hub.requests() if s.path.startswith(f"/{repo}/")]
+    assert asked and all(s.headers.get("authorization") == f"Bearer {TOKEN}" for s in asked)
+
+    assert main([*argv, "--token", TOKEN, "--revision", first]) == 0
+    assert json.loads(capsys.readouterr().out)["r"] == 4
+
+
+def read_safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(directory / "adapter_model.safetensors")
+
+
+def test_peft_inspect_without_a_network_fails_in_seconds_or_reads_the_cache(hub, llama_dir, tmp_path, capsys):
+    from peft_core.cli import main
+
+    repo = "peft-core-tests/offline"
+    hub.add_folder(repo, saved(adapted(llama_dir, lora(), seed=3), tmp_path / "adapter"))
+    assert main(["inspect", repo, "--json"]) == 0  # online once: the files are now in the cache
+    online = json.loads(capsys.readouterr().out)
+    cache, empty = hub_cache(), str(tmp_path / "empty-cache")
+    nowhere = f"http://127.0.0.1:{closed_port()}"
+
+    # huggingface_hub alone retries for about 23 s per file; peft inspect asks once and stops.
+    done, seconds = peft_command("inspect", repo, HF_ENDPOINT=nowhere, HF_HUB_CACHE=empty)
+    assert done.returncode == 1 and seconds < 20, (seconds, done.stderr)
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"peft inspect: error: {repo} is not in the local Hugging Face cache, and the "
+                                  f"Hugging Face Hub at {nowhere} does not answer (")
+    assert "Check your network (or HF_ENDPOINT)" in done.stderr
+
+    done, seconds = peft_command("inspect", repo, "--json", HF_ENDPOINT=nowhere, HF_HUB_CACHE=cache)
+    assert done.returncode == 0 and seconds < 20, (seconds, done.stderr)
+    assert json.loads(done.stdout) == online  # what was downloaded before is described as usual
+
+    # HF_HUB_OFFLINE: the Hub (up, and holding the repo) is not asked at all.
+    hub.seen.clear()
+    done, _ = peft_command("inspect", repo, HF_ENDPOINT=hub.url, HF_HUB_CACHE=empty, HF_HUB_OFFLINE="1")
+    assert done.returncode == 1 and "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set. Unset " \
+        "HF_HUB_OFFLINE to download it" in done.stderr
+    done, _ = peft_command("inspect", repo, "--json", HF_ENDPOINT=hub.url, HF_HUB_CACHE=cache, HF_HUB_OFFLINE="1")
+    assert done.returncode == 0 and json.loads(done.stdout) == online
+    assert hub.seen == []
+
+
 # --- pushing ---------------------------------------------------------------------------------------
 
 
@@ -676,6 +765,7 @@ def test_push_a_stack_and_load_it_back(hub, llama_dir, input_ids):
     assert "applied in this order: `lora`, `ia3`" in card
     assert "## Adapter `lora`" in card and "## Adapter `ia3`" in card
     assert "subfolder='lora'" in card  # Hugging Face PEFT reads a member from its folder
+    assert "`pip install peft-core peft-lora peft-ia3`" in card  # the distributions of the card's methods
     loaded = PeftModel.from_pretrained(tiny_model("llama", llama_dir), f"{USER}/stacked")
     assert loaded.active_adapters == ["lora", "ia3"]
     torch.testing.assert_close(logits(loaded, input_ids), logits(model, input_ids))

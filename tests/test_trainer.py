@@ -1,4 +1,4 @@
-"""transformers' Trainer with peft-core models (PeftTrainer), and torch.compile on LoRA layers."""
+"""transformers' Trainer with peft-core models (peft_train.PeftTrainer), and torch.compile on LoRA layers."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 import safetensors.torch
 import torch
 from peft_core import PeftModel, get_peft_model
-from peft_core.integrations.transformers import TRAINING_STATE_NAME, PeftTrainer
 from peft_core.testing import tiny_model
 from peft_core.walk import is_checkpointing
 from peft_lora import LoraConfig
 from peft_p_tuning import PromptEncoderConfig
+from peft_train.trainer import TRAINING_STATE_NAME, PeftTrainer
 from transformers import TrainingArguments
 
 
@@ -131,8 +131,8 @@ def test_a_lora_layer_forward_has_no_graph_break(llama_dir):
 
 def test_trl_sft_trainer_trains_and_checkpoints_only_the_adapter(llama_dir, tmp_path):
     import datasets
-    from peft_core.integrations.trl import PeftSFTTrainer
     from peft_core.testing import tiny_tokenizer
+    from peft_train.trl import PeftSFTTrainer
     from transformers import AutoTokenizer
     from trl import SFTConfig
 

@@ -29,7 +29,7 @@ class ScaleLinear(Adapter):
         self.scale = nn.Parameter(torch.full((base.out_features,), config.init_value))
 
     def forward(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        return out * self.scale
+        return out * self.scale.to(out.dtype)  # float32 scales on a half-precision base keep its dtype
 
     def merged_weight(self, weight: torch.Tensor, base_weight: torch.Tensor) -> torch.Tensor:
         return weight * self.scale[:, None]
@@ -53,3 +53,11 @@ def peft_inject(model, config, adapter_name):
     if isinstance(config, ScaleConfig):
         return inject_adapters(model, config, adapter_name, SCALE_LAYERS)
     return None
+
+
+@hookimpl
+def peft_describe(config, tensors):
+    if config.get("peft_type") != ScaleConfig.PEFT_TYPE:
+        return None
+    # "parameters" is a fact the core states itself: a plugin's field of that name is left out.
+    return {"scaled_layers": sum(key.endswith(".scale") for key in tensors), "parameters": -1}

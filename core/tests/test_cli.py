@@ -4,7 +4,6 @@ the installed executable."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import signal
@@ -16,14 +15,15 @@ import pytest
 import torch
 from peft_core import PeftError, PeftModel, get_peft_model, stack
 from peft_core.cli import main
-from peft_core.integrations.diffusers import LORA_WEIGHT_NAME, METADATA_KEY, save_diffusers_lora
 from peft_core.serialization import read_config_dict, read_weights
 from peft_core.testing import strip_checksums
+from peft_core.testing.commands import one_line_error, run_peft
 from peft_core.testing.models import tiny_model
 from peft_ia3 import IA3Config
 from peft_lora import LoraConfig
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from scale_method import ScaleConfig
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -50,25 +50,13 @@ def adapter_dir(llama, tmp_path) -> Path:
     return tmp_path / "adapter"
 
 
-def _run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def _one_line_error(err: str, command: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"peft {command}: error: ")
-    assert "Traceback" not in err
-    return lines[0]
 
 
 # --- methods ---------------------------------------------------------------------------------------
 
 
 def test_methods_json_lists_installed_and_registered_methods(capsys):
-    code, out, _ = _run(capsys, "methods", "--json")
+    code, out, _ = run_peft(capsys, "methods", "--json")
     assert code == 0
     rows = {row["name"]: row for row in json.loads(out)}
     assert rows["lora"] == {"name": "lora", "peft_type": "LORA", "package": "peft-lora", "version": "0.1.0",
@@ -83,13 +71,13 @@ def test_methods_shows_refused_plugins_with_reason(capsys, monkeypatch):
     monkeypatch.setattr(registry(), "refused", [
         Method(name="bad", peft_type="", config_class=None, package="peft-bad", version="9", broken="API 2"),
     ])
-    code, out, _ = _run(capsys, "methods")
+    code, out, _ = run_peft(capsys, "methods")
     assert code == 0
     lines = out.splitlines()
     assert lines[0].split() == ["NAME", "PEFT_TYPE", "PACKAGE", "VERSION", "STATE"]
     assert any(line.split()[:3] == ["lora", "LORA", "peft-lora"] and line.endswith("loaded") for line in lines)
     assert lines[-1].split() == ["bad", "-", "peft-bad", "9", "broken:", "API", "2"]
-    code, out, _ = _run(capsys, "methods", "--json")
+    code, out, _ = run_peft(capsys, "methods", "--json")
     assert json.loads(out)[-1]["state"] == "broken: API 2"
 
 
@@ -97,7 +85,7 @@ def test_methods_shows_refused_plugins_with_reason(capsys, monkeypatch):
 
 
 def test_inspect_json_matches_the_saved_adapter(capsys, adapter_dir):
-    code, out, _ = _run(capsys, "inspect", str(adapter_dir), "--json")
+    code, out, _ = run_peft(capsys, "inspect", str(adapter_dir), "--json")
     assert code == 0
     info = json.loads(out)
     tensors = load_file(adapter_dir / "adapter_model.safetensors")
@@ -117,9 +105,9 @@ def test_inspect_reads_a_legacy_bin_only_when_allowed(capsys, adapter_dir):
     (adapter_dir / "adapter_model.safetensors").unlink()
     torch.save(tensors, adapter_dir / "adapter_model.bin")
     capsys.readouterr()
-    code, _, err = _run(capsys, "inspect", str(adapter_dir), "--json")
-    assert code == 1 and "--allow-legacy-bin" in _one_line_error(err, "inspect")
-    code, out, _ = _run(capsys, "inspect", str(adapter_dir), "--json", "--allow-legacy-bin")
+    code, _, err = run_peft(capsys, "inspect", str(adapter_dir), "--json")
+    assert code == 1 and "--allow-legacy-bin" in one_line_error(err, "inspect")
+    code, out, _ = run_peft(capsys, "inspect", str(adapter_dir), "--json", "--allow-legacy-bin")
     assert code == 0 and json.loads(out)["parameters"] == sum(t.numel() for t in tensors.values())
 
 
@@ -132,17 +120,17 @@ def test_merge_reads_a_legacy_bin_only_when_allowed(capsys, adapter_dir, llama_d
     torch.save(tensors, adapter_dir / "adapter_model.bin")
     argv = ["merge", "--base", str(llama_dir), "--adapter", str(adapter_dir), "--out", str(tmp_path / "merged")]
     capsys.readouterr()
-    code, _, err = _run(capsys, *argv)
-    assert code == 1 and "--allow-legacy-bin" in _one_line_error(err, "merge")
+    code, _, err = run_peft(capsys, *argv)
+    assert code == 1 and "--allow-legacy-bin" in one_line_error(err, "merge")
     assert not (tmp_path / "merged").exists()
-    code, _, _ = _run(capsys, *argv, "--allow-legacy-bin")
+    code, _, _ = run_peft(capsys, *argv, "--allow-legacy-bin")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert code == 0
     torch.testing.assert_close(merged.state_dict(), expected.state_dict())
 
 
 def test_inspect_text_output(capsys, adapter_dir):
-    code, out, _ = _run(capsys, "inspect", str(adapter_dir))
+    code, out, _ = run_peft(capsys, "inspect", str(adapter_dir))
     assert code == 0
     fields = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in out.splitlines()}
     assert fields["peft_type"] == "LORA"
@@ -152,7 +140,7 @@ def test_inspect_text_output(capsys, adapter_dir):
 
 def test_inspect_reports_integrity_and_the_base_tensors_an_adapter_replaces(capsys, adapter_dir, gpt2, tmp_path):
     def fields(path: Path) -> dict[str, str]:
-        code, out, _ = _run(capsys, "inspect", str(path))
+        code, out, _ = run_peft(capsys, "inspect", str(path))
         assert code == 0
         return {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in out.splitlines()}
 
@@ -176,7 +164,7 @@ def test_inspect_stack_and_soft_prompt(capsys, llama, tmp_path):
     members = [LoraConfig(r=2, target_modules=["q_proj"]), IA3Config(target_modules=["down_proj"],
                                                                         feedforward_modules=["down_proj"])]
     get_peft_model(llama, stack(members)).save_pretrained(tmp_path / "stack")
-    code, out, _ = _run(capsys, "inspect", str(tmp_path / "stack"), "--json")
+    code, out, _ = run_peft(capsys, "inspect", str(tmp_path / "stack"), "--json")
     assert code == 0
     info = json.loads(out)
     assert info["stack"] == ["lora", "ia3"]
@@ -190,9 +178,40 @@ def test_inspect_stack_and_soft_prompt(capsys, llama, tmp_path):
     prompt = get_peft_model(tiny_model("llama", tmp_path / "base"),
                             PromptTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM"))
     prompt.save_pretrained(tmp_path / "prompt")
-    code, out, _ = _run(capsys, "inspect", str(tmp_path / "prompt"), "--json")
+    code, out, _ = run_peft(capsys, "inspect", str(tmp_path / "prompt"), "--json")
     assert json.loads(out)["num_virtual_tokens"] == 5
     assert json.loads(out)["parameters"] == 5 * 64
+
+
+@pytest.fixture
+def scale_dir(llama, tmp_path) -> Path:
+    """An adapter of the test-only method, which peft-core knows only through its hooks."""
+    model = get_peft_model(llama, ScaleConfig(target_modules=["q_proj", "v_proj"], init_value=1.5))
+    model.save_pretrained(tmp_path / "scale")
+    return tmp_path / "scale"
+
+
+def test_inspect_shows_what_the_methods_plugin_describes(capsys, scale_dir):
+    code, out, _ = run_peft(capsys, "inspect", str(scale_dir), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["peft_type"] == "TEST_SCALE"
+    assert info["scaled_layers"] == 2 * 2  # q_proj and v_proj of the two layers, from peft_describe
+    assert info["parameters"] == sum(t.numel() for t in read_weights(scale_dir).values())  # the core's count wins
+    code, out, _ = run_peft(capsys, "inspect", str(scale_dir))
+    assert "scaled_layers:  4" in out.splitlines()
+
+
+def test_inspect_reports_a_failing_description_instead_of_failing(capsys, scale_dir, monkeypatch):
+    from peft_core.plugins import registry
+
+    def broken(hook: str, **kwargs):
+        raise RuntimeError("cannot read this file")
+
+    monkeypatch.setattr(registry(), "first_answer", broken)
+    code, out, _ = run_peft(capsys, "inspect", str(scale_dir), "--json")
+    info = json.loads(out)
+    assert code == 0 and info["description_error"] == "peft_describe failed: RuntimeError: cannot read this file"
+    assert info["integrity"] == "verified"
 
 
 @pytest.mark.parametrize("which", ["missing", "model_dir", "not_json"])
@@ -201,9 +220,9 @@ def test_inspect_refuses_what_is_no_adapter(capsys, tmp_path, llama_dir, which):
     if which == "not_json":
         path.mkdir()
         (path / "adapter_config.json").write_text("{not json")
-    code, out, err = _run(capsys, "inspect", str(path))
+    code, out, err = run_peft(capsys, "inspect", str(path))
     assert code == 1 and out == ""
-    line = _one_line_error(err, "inspect")
+    line = one_line_error(err, "inspect")
     assert str(path) in line
 
 
@@ -235,7 +254,7 @@ def test_merge_saves_a_model_transformers_loads_with_the_same_logits(capsys, ada
     tiny_model("llama", base)
     tiny_tokenizer(base)
     out = tmp_path / "merged"
-    code, stdout, _ = _run(capsys, "merge", "--base", str(base), "--adapter", str(adapter_dir), "--out", str(out))
+    code, stdout, _ = run_peft(capsys, "merge", "--base", str(base), "--adapter", str(adapter_dir), "--out", str(out))
     assert code == 0 and str(out) in stdout
     assert (out / "tokenizer.json").is_file()
 
@@ -252,20 +271,20 @@ def test_merge_saves_a_model_transformers_loads_with_the_same_logits(capsys, ada
 
 def test_merge_dtype_and_refusing_a_non_empty_out(capsys, adapter_dir, llama_dir, tmp_path):
     out = tmp_path / "merged"
-    code, _, _ = _run(capsys, "merge", "--base", str(llama_dir), "--adapter", str(adapter_dir), "--out", str(out),
+    code, _, _ = run_peft(capsys, "merge", "--base", str(llama_dir), "--adapter", str(adapter_dir), "--out", str(out),
                       "--dtype", "bf16")
     assert code == 0
     weights = load_file(out / "model.safetensors")
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
     before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()}
 
-    code, stdout, err = _run(capsys, "merge", "--base", str(llama_dir), "--adapter", str(adapter_dir), "--out",
+    code, stdout, err = run_peft(capsys, "merge", "--base", str(llama_dir), "--adapter", str(adapter_dir), "--out",
                              str(out))
     assert code == 1 and stdout == ""
-    assert "--force" in _one_line_error(err, "merge")
+    assert "--force" in one_line_error(err, "merge")
     assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.iterdir()} == before
 
-    code, _, _ = _run(capsys, "merge", "--base", str(llama_dir), "--adapter", str(adapter_dir), "--out", str(out),
+    code, _, _ = run_peft(capsys, "merge", "--base", str(llama_dir), "--adapter", str(adapter_dir), "--out", str(out),
                       "--force")
     assert code == 0
     assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.float32}
@@ -307,9 +326,9 @@ def test_merge_wrong_base_is_one_line(capsys, adapter_dir, tiny_model_dir, tmp_p
     import transformers
 
     gpt2 = tiny_model_dir("gpt2")  # no q_proj / v_proj: target modules missing
-    code, _, err = _run(capsys, "merge", "--base", str(gpt2), "--adapter", str(adapter_dir), "--out",
+    code, _, err = run_peft(capsys, "merge", "--base", str(gpt2), "--adapter", str(adapter_dir), "--out",
                         str(tmp_path / "a"))
-    line = _one_line_error(err, "merge")
+    line = one_line_error(err, "merge")
     assert code == 1 and "does not fit the base model" in line and "q_proj" in line
 
     wide = tmp_path / "wide-llama"  # same module names, other shapes
@@ -317,24 +336,24 @@ def test_merge_wrong_base_is_one_line(capsys, adapter_dir, tiny_model_dir, tmp_p
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=128,
     )).save_pretrained(wide)
-    code, _, err = _run(capsys, "merge", "--base", str(wide), "--adapter", str(adapter_dir), "--out",
+    code, _, err = run_peft(capsys, "merge", "--base", str(wide), "--adapter", str(adapter_dir), "--out",
                         str(tmp_path / "b"))
-    line = _one_line_error(err, "merge")
+    line = one_line_error(err, "merge")
     assert code == 1 and "shape" in line
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
-    code, _, err = _run(capsys, "merge", "--base", str(tmp_path / "nope"), "--adapter", str(adapter_dir), "--out",
+    code, _, err = run_peft(capsys, "merge", "--base", str(tmp_path / "nope"), "--adapter", str(adapter_dir), "--out",
                         str(tmp_path / "c"))
-    assert code == 1 and "nope" in _one_line_error(err, "merge")
+    assert code == 1 and "nope" in one_line_error(err, "merge")
 
 
 def test_merge_refuses_an_adapter_of_an_unknown_method(capsys, adapter_dir, llama_dir, tmp_path):
     strip_checksums(adapter_dir)  # a foreign adapter
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     (adapter_dir / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "NO_SUCH_METHOD"}))
-    code, _, err = _run(capsys, "merge", "--base", str(llama_dir), "--adapter", str(adapter_dir), "--out",
+    code, _, err = run_peft(capsys, "merge", "--base", str(llama_dir), "--adapter", str(adapter_dir), "--out",
                         str(tmp_path / "out"))
-    assert code == 1 and "NO_SUCH_METHOD" in _one_line_error(err, "merge")
+    assert code == 1 and "NO_SUCH_METHOD" in one_line_error(err, "merge")
 
 
 @pytest.mark.parametrize(("task_type", "architectures", "expected"), [
@@ -351,139 +370,147 @@ def test_auto_class_choice(task_type, architectures, expected):
 
 
 # --- convert ---------------------------------------------------------------------------------------
+# Through a format defined here: the core converts with whatever format the registry holds.
 
 
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
+def _export_one_file(saved, destination: str, options: dict) -> str:
+    file = Path(destination, f"{options.get('label', 'adapter')}.safetensors")
+    if file.exists() and not options["force"]:
+        raise PeftError(f"{file} exists; pass --force to overwrite it.")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(saved.tensors, file, metadata={"config": json.dumps(saved.config)})
+    return str(file)
 
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    )
+
+def _import_one_file(source: str, destination: str, options: dict) -> str:
+    from peft_core.serialization import save_adapter
+
+    with safe_open(source, "pt") as f:
+        config, tensors = f.metadata()["config"], {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    save_adapter(destination, config, tensors)
+    return destination
+
+
+def _label_option(parser) -> None:
+    parser.add_argument("--label", default="adapter", help="the file's name, without .safetensors")
+
+
+def _format(name: str, add_arguments=_label_option):
+    from peft_core.plugins import AdapterFormat
+
+    return AdapterFormat(name=name, description=f"{name} for tests", export=_export_one_file,
+                         import_=_import_one_file, add_arguments=add_arguments, package="tests")
 
 
 @pytest.fixture
-def unet_adapter(tmp_path) -> tuple[PeftModel, Path]:
-    config = LoraConfig(r=4, lora_alpha=6, target_modules=["to_q", "to_k", "to_out.0", "conv1"],
-                        rank_pattern={"to_k": 2}, alpha_pattern={"conv1": 3}, use_rslora=True)
-    model = _trained(get_peft_model(tiny_unet(), config))
-    model.save_pretrained(tmp_path / "peft")
-    return model, tmp_path / "peft"
+def formats(monkeypatch):
+    """Installs exactly the formats given: ``formats("a", "b")``; the first has the option --label."""
+    from peft_core.plugins import registry
+
+    def install(*names: str) -> None:
+        monkeypatch.setattr(registry(), "formats", {
+            name: _format(name, _label_option if i == 0 else None) for i, name in enumerate(names)
+        })
+
+    return install
 
 
-def test_convert_round_trip_without_a_model(capsys, unet_adapter, tmp_path):
-    model, peft_dir = unet_adapter
-    code, _, _ = _run(capsys, "convert", "--to", "diffusers", str(peft_dir), str(tmp_path / "diffusers"))
+def test_convert_round_trip_through_a_registered_format(capsys, scale_dir, formats, tmp_path):
+    formats("one-file")
+    convert = ("convert", "--to", "one-file", str(scale_dir), str(tmp_path / "out"), "--label", "x")
+    code, out, _ = run_peft(capsys, *convert)
+    file = tmp_path / "out" / "x.safetensors"  # the format's own option reached it
+    assert code == 0 and out.strip() == f"converted {scale_dir} to the one-file format: {file}"
+    code, _, err = run_peft(capsys, *convert)
+    assert code == 1 and "--force" in one_line_error(err, "convert")  # --force reaches the format too
+    # One format installed: --from may be left out.
+    code, _, _ = run_peft(capsys, "convert", "--to", "peft", str(file), str(tmp_path / "back"))
     assert code == 0
-    file = tmp_path / "diffusers" / LORA_WEIGHT_NAME
-
-    # Model-free, the file holds what the library writes from the live model.
-    reference = Path(save_diffusers_lora(model, tmp_path / "reference"))
-    assert load_file(file).keys() == load_file(reference).keys()
-    for key, tensor in load_file(reference).items():
-        assert torch.equal(load_file(file)[key], tensor)
-    with safe_open(file, "pt") as ours, safe_open(reference, "pt") as theirs:
-        assert json.loads(ours.metadata()[METADATA_KEY]) == json.loads(theirs.metadata()[METADATA_KEY])
-
-    code, _, _ = _run(capsys, "convert", "--to", "peft", str(file), str(tmp_path / "back"))
-    assert code == 0
-    original, back = read_weights(peft_dir), read_weights(tmp_path / "back")
-    assert original.keys() == back.keys()
-    assert all(torch.equal(original[k], back[k]) for k in original)
-    assert read_config_dict(tmp_path / "back") == read_config_dict(peft_dir)
+    assert read_config_dict(tmp_path / "back") == read_config_dict(scale_dir)
+    original, back = read_weights(scale_dir), read_weights(tmp_path / "back")
+    assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
+    code, _, err = run_peft(capsys, "convert", "--to", "peft", str(file), str(tmp_path / "back"))
+    assert code == 1 and "--force" in one_line_error(err, "convert")
+    assert run_peft(capsys, "convert", "--to", "peft", str(file), str(tmp_path / "back"), "--force")[0] == 0
 
 
-def test_convert_foreign_diffusers_file_rebuilds_an_equivalent_config(capsys, unet_adapter, tmp_path):
-    model, _ = unet_adapter
-    # Written by the library from the live model, so it has no copy of the original config.
-    save_diffusers_lora(model, tmp_path / "diffusers")
-    code, _, _ = _run(capsys, "convert", "--to", "peft", str(tmp_path / "diffusers"), str(tmp_path / "back"))
-    assert code == 0
-    config = read_config_dict(tmp_path / "back")
-    assert config["peft_type"] == "LORA" and config["use_rslora"] is False  # folded into the alphas
-
-    sample = (torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([10]),
-              torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(2)))
-    loaded = PeftModel.from_pretrained(tiny_unet(), tmp_path / "back")
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(*sample).sample, model.eval()(*sample).sample)
+def test_convert_to_peft_of_an_adapter_already_in_the_peft_format_says_so(capsys, scale_dir, formats, tmp_path):
+    formats("one-file")
+    code, _, err = run_peft(capsys, "convert", "--to", "peft", str(scale_dir), str(tmp_path / "p"))
+    line = one_line_error(err, "convert")
+    assert code == 1 and f"{scale_dir} is already in the PEFT format" in line and "--to with one of: one-file" in line
+    assert not (tmp_path / "p").exists()
 
 
-def test_convert_errors_are_one_line(capsys, adapter_dir, unet_adapter, tmp_path):
-    _, peft_dir = unet_adapter
-    assert _run(capsys, "convert", "--to", "diffusers", str(peft_dir), str(tmp_path / "d"))[0] == 0
-    code, _, err = _run(capsys, "convert", "--to", "diffusers", str(peft_dir), str(tmp_path / "d"))
-    assert code == 1 and "--force" in _one_line_error(err, "convert")
-    code, _, err = _run(capsys, "convert", "--to", "peft", str(tmp_path / "d"), str(tmp_path / "p"),
-                        "--component", "transformer")
-    assert code == 1 and "unet" in _one_line_error(err, "convert")
-    (tmp_path / "ia3").mkdir()
-    get_peft_model(tiny_unet(), IA3Config(target_modules=["to_q"], feedforward_modules=[])).save_pretrained(
-        tmp_path / "ia3")
-    code, _, err = _run(capsys, "convert", "--to", "diffusers", str(tmp_path / "ia3"), str(tmp_path / "x"))
-    assert code == 1 and "IA3" in _one_line_error(err, "convert")
+def test_convert_formats_and_their_options_come_from_the_registry(capsys, scale_dir, formats, tmp_path):
+    formats("one-file", "two-file")
     with pytest.raises(SystemExit) as exit_info:
-        main(["convert", "--to", "kohya", str(peft_dir), str(tmp_path / "y")])
+        main(["convert", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    assert "peft, one-file, two-file" in help_text and "options of the one-file format" in help_text
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "--to", "kohya", str(scale_dir), str(tmp_path / "y")])
     assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no installed plugin provides the format 'kohya' (installed: peft, one-file, two-file)" in err
+
+    run_peft(capsys, "convert", "--to", "one-file", str(scale_dir), str(tmp_path / "out"))
+    code, _, err = run_peft(capsys, "convert", "--to", "peft", str(tmp_path / "out" / "adapter.safetensors"),
+                        str(tmp_path / "p"))
+    assert code == 1 and "Several formats are installed (one-file, two-file); pass --from" in err
+    code, _, _ = run_peft(capsys, "convert", "--to", "peft", "--from", "two-file",
+                      str(tmp_path / "out" / "adapter.safetensors"), str(tmp_path / "p"))
+    assert code == 0
+    code, _, err = run_peft(capsys, "convert", "--to", "one-file", "--from", "two-file", str(scale_dir),
+                        str(tmp_path / "q"))
+    assert code == 1 and "Drop --from" in one_line_error(err, "convert")
 
 
-def _set_alpha_nan(directory: Path) -> None:
+def test_convert_without_formats_and_with_clashing_options(capsys, scale_dir, formats, monkeypatch, tmp_path):
+    from peft_core.errors import PluginError
+    from peft_core.plugins import registry
+
+    formats()
+    code, _, err = run_peft(capsys, "convert", "--to", "peft", str(tmp_path / "x.safetensors"), str(tmp_path / "p"))
+    assert code == 1 and "No installed plugin provides a format" in one_line_error(err, "convert")
+    monkeypatch.setattr(registry(), "formats", {"one-file": _format("one-file"), "other": _format("other")})
+    with pytest.raises(PluginError, match="The other format of tests adds a `peft convert` option"):
+        main(["convert", "--to", "peft", str(scale_dir), str(tmp_path / "p")])
+
+
+def _set_init_value_text(directory: Path) -> None:
     text = (directory / "adapter_config.json").read_text()
-    (directory / "adapter_config.json").write_text(re.sub(r'"lora_alpha": [^,]+', '"lora_alpha": NaN', text))
+    (directory / "adapter_config.json").write_text(re.sub(r'"init_value": [^,}]+', '"init_value": "big"', text))
 
 
-def _set_huge_rank(directory: Path) -> None:
-    text = (directory / "adapter_config.json").read_text()
-    (directory / "adapter_config.json").write_text(re.sub(r'"r": \d+', '"r": 1e400', text))
-
-
-def _int_factor(directory: Path) -> None:
-    tensors = load_file(directory / "adapter_model.safetensors")
-    key = next(k for k in tensors if k.endswith("lora_A.weight"))
-    tensors[key] = tensors[key].to(torch.int32)
-    save_file(tensors, directory / "adapter_model.safetensors")
+def _truncate_weights(directory: Path) -> None:
+    file = directory / "adapter_model.safetensors"
+    file.write_bytes(file.read_bytes()[:100])
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (_set_alpha_nan, "lora_alpha must be a finite number"),
-    (_set_huge_rank, "LoraConfig.r must be int, not float (inf)"),
-    (_int_factor, "torch.int32"),
-], ids=["alpha-nan", "rank-1e400", "int32-factor"])
-def test_convert_reads_and_checks_an_adapter_as_the_loader_does(capsys, unet_adapter, tmp_path, edit, message):
-    """What the loader refuses, convert refuses too, rather than writing a file that will not load."""
-    _, peft_dir = unet_adapter
-    strip_checksums(peft_dir)  # a file from elsewhere
-    edit(peft_dir)
-    with pytest.raises(PeftError, match=re.escape(message)):
-        PeftModel.from_pretrained(tiny_unet(), peft_dir)
-    code, _, err = _run(capsys, "convert", "--to", "diffusers", str(peft_dir), str(tmp_path / "d"))
-    assert code == 1 and message in _one_line_error(err, "convert")
-    assert not (tmp_path / "d" / LORA_WEIGHT_NAME).exists()
+    (_set_init_value_text, "init_value"),
+    (_truncate_weights, "truncated or corrupt"),
+], ids=["invalid-config", "truncated-weights"])
+def test_convert_reads_and_checks_an_adapter_as_the_loader_does(capsys, scale_dir, formats, tmp_path, edit, message):
+    """What the loader refuses, convert refuses too, before the format writes anything."""
+    formats("one-file")
+    strip_checksums(scale_dir)  # a file from elsewhere
+    edit(scale_dir)
+    with pytest.raises(PeftError, match=message):
+        PeftModel.from_pretrained(tiny_model("llama", tmp_path / "base"), scale_dir)
+    code, _, err = run_peft(capsys, "convert", "--to", "one-file", str(scale_dir), str(tmp_path / "d"))
+    assert code == 1 and message in one_line_error(err, "convert")
+    assert not (tmp_path / "d").exists()
 
 
-def test_convert_from_diffusers_refuses_what_would_not_load(capsys, unet_adapter, tmp_path):
-    model, _ = unet_adapter
-    file = Path(save_diffusers_lora(model, tmp_path / "diffusers"))
-    with safe_open(file, "pt") as f:
-        header = f.metadata()
-    tensors = load_file(file)
-    key = next(k for k in tensors if k.endswith("lora_B.weight"))
-    save_file({**tensors, key: tensors[key].to(torch.int32)}, file, metadata=header)
-    code, _, err = _run(capsys, "convert", "--to", "peft", str(file), str(tmp_path / "p"))
-    assert code == 1 and "is stored as torch.int32" in _one_line_error(err, "convert")
-
-    metadata = json.loads(header[METADATA_KEY])
-    save_file(tensors, file, metadata={**header, METADATA_KEY: json.dumps({**metadata, "unet.lora_alpha": math.nan})})
-    code, _, err = _run(capsys, "convert", "--to", "peft", str(file), str(tmp_path / "p"))
-    assert code == 1 and "lora_alpha must be a finite number" in _one_line_error(err, "convert")
-
-    deep = '{"unet": ' + "[" * 100_000 + "]" * 100_000 + "}"
-    save_file(tensors, file, metadata={**header, METADATA_KEY: deep})
-    code, _, err = _run(capsys, "convert", "--to", "peft", str(file), str(tmp_path / "p"))
-    assert code == 1 and "nest thousands of levels deep" in _one_line_error(err, "convert")
-    assert not (tmp_path / "p" / "adapter_config.json").exists()
+def test_convert_refuses_a_stack(capsys, llama, formats, tmp_path):
+    formats("one-file")
+    get_peft_model(llama, stack([ScaleConfig(target_modules=["q_proj"]), ScaleConfig(target_modules=["v_proj"])])
+                   ).save_pretrained(tmp_path / "stack")
+    code, _, err = run_peft(capsys, "convert", "--to", "one-file", str(tmp_path / "stack"), str(tmp_path / "d"))
+    assert code == 1 and "is a stack of adapters" in one_line_error(err, "convert")
 
 
 # --- the installed executable ----------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-from peft_core import AdapterLayer, AdapterLoadError, PeftModel, PluginError, get_peft_model
+from peft_core import AdapterLayer, AdapterLoadError, PeftError, PeftModel, PluginError, get_peft_model
 from peft_core.testing import tiny_model
 from scale_method import ScaleConfig
 
@@ -175,3 +175,22 @@ def test_load_from_a_populated_hub_cache_offline(llama, llama_dir, tmp_path, inp
     torch.testing.assert_close(logits(loaded, input_ids), expected)
     with pytest.raises(AdapterLoadError, match="someone/other.*HF_HUB_OFFLINE"):
         PeftModel.from_pretrained(tiny_model("llama", llama_dir), "someone/other", cache_dir=str(cache))
+
+
+def test_save_pretrained_takes_hugging_face_peft_arguments_and_refuses_others(llama, tmp_path):
+    model = trained_scale_model(llama)
+    model.save_pretrained(tmp_path / "a", safe_serialization=True, save_embedding_layers="auto", selected_adapters=None)
+    with pytest.raises(TypeError, match="safe_serializaton"):
+        model.save_pretrained(tmp_path / "b", safe_serializaton=True)  # a typo is not silently accepted
+    for argument in ({"safe_serialization": False}, {"save_embedding_layers": True},
+                     {"path_initial_model_for_weight_conversion": "init"}):
+        with pytest.raises(PeftError, match="is not supported"):
+            model.save_pretrained(tmp_path / "c", **argument)
+    with pytest.raises(PeftError, match=r"selected_adapters names \['nope'\]"):
+        model.save_pretrained(tmp_path / "c", selected_adapters=["nope"])
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_merge_and_unload_shows_a_progress_bar_when_asked(llama, capsys):
+    trained_scale_model(llama).merge_and_unload(progressbar=True)
+    assert "Unloading and merging model" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Default target modules: one table by model family and role, which plugins extend."""
+"""Default target modules: one table by model family and role, which plugins fill."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft_core import ConfigError, hookimpl, register_plugin
 from peft_core.plugins import registry
-from peft_core.targets import BUILTIN_TARGETS, default_targets, model_families
+from peft_core.targets import default_targets, model_families, targets_table
 from peft_core.walk import find_target_modules
 from scale_method import ScaleConfig
 from torch import nn
@@ -14,6 +14,23 @@ from torch import nn
 
 def names(model, config):
     return [name for name, _ in find_target_modules(model, config)]
+
+
+class LlamaTargets:
+    """The defaults a method plugin adds for Llama, in two roles (as the LoRA and IA3 plugins do)."""
+
+    @hookimpl
+    def peft_default_targets(self, register):
+        register("llama", "attention", ["q_proj", "v_proj"])
+        register("llama", "feedforward", ["down_proj"])
+
+
+@pytest.fixture(autouse=True)
+def llama_targets():
+    plugin = LlamaTargets()
+    register_plugin(plugin, name="llama-targets")
+    yield
+    registry().unregister("llama-targets")
 
 
 def test_a_config_reads_the_column_of_its_role(llama, monkeypatch):
@@ -62,14 +79,16 @@ def extra_targets():
     plugin = ExtraTargets()
     register_plugin(plugin, name="extra-targets")
     yield
-    registry().manager.unregister(plugin)
+    registry().unregister("extra-targets")
 
 
 def test_plugins_add_families_and_roles(llama, extra_targets, monkeypatch):
     assert names(Backbone(), ScaleConfig()) == ["blocks.0.mixer", "blocks.1.mixer"]
     monkeypatch.setattr(ScaleConfig, "DEFAULT_TARGETS_ROLE", "scale")
     assert names(llama, ScaleConfig()) == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
-    assert "scale" not in BUILTIN_TARGETS["llama"]  # the built-in table itself is left alone
+    registry().unregister("extra-targets")
+    assert "scale" not in targets_table()["llama"]  # gone with the plugin that added it
+    register_plugin(ExtraTargets(), name="extra-targets")  # for the fixture to unregister
 
 
 def test_a_bad_registration_is_a_clear_error(llama):
@@ -84,10 +103,4 @@ def test_a_bad_registration_is_a_clear_error(llama):
         with pytest.raises(ConfigError, match="needs a list of module names"):
             default_targets(llama, "attention")
     finally:
-        registry().manager.unregister(plugin)
-
-
-def test_every_builtin_role_names_strings_and_ia3_feedforward_is_among_its_targets():
-    for family, roles in BUILTIN_TARGETS.items():
-        assert set(roles) == {"attention", "ia3", "feedforward"}, family
-        assert set(roles["feedforward"]) <= set(roles["ia3"]), family
+        registry().unregister("broken-targets")

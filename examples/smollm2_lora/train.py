@@ -2,8 +2,9 @@
 
 What it does, in order:
   1. loads the model (converting the bundled GGUF file once, see model.py) and scores it on the test set;
-  2. wraps it with a LoRA adapter and trains only the adapter (plain torch loop, AdamW);
-  3. scores it again, saves the adapter, reloads it into a fresh base model and checks the reloaded
+  2. wraps it with a LoRA adapter and trains only the adapter, with the run `peft train` makes
+     (peft_train: transformers' Trainer, AdamW, linear warm-up and decay), which saves the adapter;
+  3. scores it again, reloads the saved adapter into a fresh base model and checks the reloaded
      model answers exactly as the trained one;
   4. merges the adapter into the base weights and checks the merged model matches the unmerged one.
 
@@ -25,7 +26,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
-import random
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +37,9 @@ import transformers
 from model import cache_dir, load_model_and_tokenizer
 from peft_core import PeftModel, get_peft_model
 from peft_lora import LoraConfig
-from tqdm import tqdm
+from peft_train.data import make_collator
+from peft_train.training import TrainSettings
+from peft_train.training import train as train_adapter
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 HERE = Path(__file__).resolve().parent
@@ -145,39 +147,24 @@ def logits_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def train(model: torch.nn.Module, examples: Sequence[Example], pad_id: int, args: argparse.Namespace) -> list[float]:
-    """Train whatever requires grad (the LoRA weights); returns each step's loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    # Linear warm-up over the first 10% of steps, then linear decay to zero, so the last steps
-    # settle on an answer instead of bouncing around it.
-    warmup = max(1, args.steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, (args.steps - step) / (args.steps - warmup + 1))
+def train(
+    model: torch.nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, args: argparse.Namespace
+) -> list[float]:
+    """Train whatever requires grad (the LoRA weights) as `peft train` does, on transformers' Trainer; save the
+    adapter to args.output_dir; return each step's loss."""
+    features = [
+        {"input_ids": ex.prompt_ids + ex.answer_ids, "labels": [IGNORE_INDEX] * len(ex.prompt_ids) + ex.answer_ids}
+        for ex in examples
+    ]
+    settings = TrainSettings(
+        steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        # Linear warm-up over the first 10% of steps, then linear decay to zero, so the last steps
+        # settle on an answer instead of bouncing around it.
+        schedule="linear", max_grad_norm=1.0,
+        use_cpu=True,  # the checks below run on the CPU, where the model was loaded
     )
-    shuffler = random.Random(args.seed)
-    order: list[int] = []
-    losses: list[float] = []
-    model.train()
-    progress = tqdm(range(args.steps), desc="training", unit="step", dynamic_ncols=True)
-    for _ in progress:
-        if len(order) < args.batch_size:  # start another shuffled pass over the data
-            order += shuffler.sample(range(len(examples)), len(examples))
-        picked, order = order[: args.batch_size], order[args.batch_size :]
-        batch = collate([examples[i] for i in picked], pad_id, with_answer=True, left_pad=False)
-
-        loss_sum, tokens = answer_loss(model, batch)
-        loss = loss_sum / tokens
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        losses.append(loss.item())
-        recent = losses[-10:]
-        progress.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{schedule.get_last_lr()[0]:.1e}")
-    return losses
+    result = train_adapter(model, features, make_collator(tokenizer), settings, args.output_dir)
+    return result.losses
 
 
 def show_answers(title: str, loss: float, score: float, examples: Sequence[Example], answers: list[str]) -> None:
@@ -253,14 +240,14 @@ def main() -> None:
     )
     model = get_peft_model(base, config)  # wraps `base` in place: only the LoRA weights train
     model.print_trainable_parameters()
-    losses = train(model, train_set, tokenizer.pad_token_id, args)
+    losses = train(model, train_set, tokenizer, args)
     start = lap("train", start)
 
     loss, score, answers = evaluate(model, tokenizer, test_set, args.eval_batch_size)
     start = lap("evaluate trained", start)
     show_answers(f"AFTER {args.steps} steps (final train loss {losses[-1]:.4f})", loss, score, test_set, answers)
 
-    # -- 3. the adapter can be switched off, saved and reloaded ----------------------------------
+    # -- 3. the adapter can be switched off, and reloaded from where training saved it ------------
     print()
     trained_logits = logits_of(model, probe)
     with model.disable_adapter():
@@ -268,8 +255,7 @@ def main() -> None:
     print(f"adapter disabled vs. base model:  max |logit diff| {diff:.1e}")
     assert diff < 1e-5, "with the adapter disabled the model should be the base model"
 
-    model.save_pretrained(args.output_dir)
-    files = sorted(f for f in args.output_dir.iterdir() if f.is_file())
+    files = sorted(f for f in args.output_dir.iterdir() if f.name.startswith("adapter_"))
     size_mb = sum(f.stat().st_size for f in files) / 1e6
     print(f"saved adapter to {args.output_dir}: {', '.join(f.name for f in files)} ({size_mb:.1f} MB)")
 

@@ -115,7 +115,8 @@ def config_from_dict(data: dict[str, Any]) -> PeftConfig:
     if "peft_type" not in data:
         raise ConfigError("The adapter config has no 'peft_type'; it is not a PEFT adapter config.")
     if not isinstance(data["peft_type"], str):
-        raise ConfigError(f"peft_type must be a string such as 'LORA', not {data['peft_type']!r}.")
+        raise ConfigError(f"peft_type must be a string (the method's name in adapter files), not "
+                          f"{data['peft_type']!r}.")
     method = registry().method_for_peft_type(data["peft_type"])
     return method.config_class.from_dict(data)
 

@@ -49,18 +49,19 @@ def adapter_state_dict(model: nn.Module, adapter_name: str) -> dict[str, torch.T
     return tensors
 
 
-def trained_bias_tensors(model: nn.Module, adapter_name: str, bias: str) -> dict[str, torch.Tensor]:
-    """Saved key -> base bias for the ``bias`` option of LoRA-like methods (``"all"``, ``"lora_only"``).
+def trained_bias_tensors(model: nn.Module, adapter_name: str, wrapped_layers_only: bool) -> dict[str, torch.Tensor]:
+    """Saved key -> base bias, for methods that train the base model's biases beside their adapter.
 
-    ``"lora_only"``: the biases of the layers this adapter wraps; ``"all"``: every bias but other
-    adapters' ``modules_to_save`` copies, under its parameter name without the adapter name.
+    ``wrapped_layers_only``: the biases of the layers this adapter wraps, under ``<layer>.base_layer.bias``;
+    otherwise every bias but adapters' own and other adapters' ``modules_to_save`` copies, under its parameter
+    name without the adapter name (both as Hugging Face PEFT saves them).
     """
     tensors = {}
-    if bias == "lora_only":
+    if wrapped_layers_only:
         for name, layer in adapter_layers(model, adapter_name):
             if getattr(layer.base_layer, "bias", None) is not None:
                 tensors[f"{SAVED_PREFIX}{name}.base_layer.bias"] = layer.base_layer.bias
-    elif bias == "all":
+    else:
         own_copy = f".modules_to_save.{adapter_name}."
         own_layers = {name for name, _ in adapter_layers(model, adapter_name)}
         for name, param in model.named_parameters():

@@ -31,6 +31,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
+from peft_core.errors import PeftError
+
 try:
     import fcntl
 except ImportError:  # Windows: saves are ordered within this process only
@@ -66,7 +68,10 @@ def directory_lock(directory: str | os.PathLike, exclusive: bool) -> Iterator[No
     held = _held.__dict__
     if key in held:
         if exclusive and held[key] == "shared":
-            raise RuntimeError(f"{directory}: a thread reading the directory cannot start writing to it.")
+            raise PeftError(
+                f"{directory}: a thread reading the directory cannot start writing to it. Finish reading "
+                f"(leave the load's block) before saving there, or save into another directory."
+            )
         yield
         return
     held[key] = "exclusive" if exclusive else "shared"

@@ -141,7 +141,8 @@ def peft_loss(model: nn.Module, config: PeftConfig, adapter_name: str, outputs: 
 
 @hookspec
 def peft_optimizer_step(model: nn.Module, config: PeftConfig, adapter_name: str, step: int) -> None:
-    """React to an optimizer step of a training loop peft-core runs (``peft train``).
+    """React to an optimizer step of ``peft train`` (peft-train calls it from the Trainer callback
+    ``peft_train.MethodSteps``, which any ``PeftTrainer`` can add).
 
     Called after each ``optimizer.step()``, before gradients are zeroed, once per active adapter, with the
     0-based index of the step. For methods whose training needs more than the optimizer (AdaLoRA's rank

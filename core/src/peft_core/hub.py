@@ -1,8 +1,8 @@
 """Pushing adapters to the Hugging Face Hub (``PeftModel.push_to_hub``) with a generated model card.
 
 Loading needs nothing here: ``PeftModel.from_pretrained`` resolves a repo id through
-``huggingface_hub.hf_hub_download`` (see :mod:`peft_core.serialization`). ``huggingface_hub`` and ``yaml``
-are imported inside the functions, so ``import peft_core`` stays light.
+``huggingface_hub.hf_hub_download`` (see :mod:`peft_core.serialization`). ``huggingface_hub`` is imported
+inside the functions, so ``import peft_core`` stays light.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from peft_core.errors import PeftError
 
 if TYPE_CHECKING:
     from peft_core.model import PeftModel
+    from peft_core.plugins import Method
 
 DEFAULT_COMMIT_MESSAGE = "Upload adapter with peft-core"
 LIBRARY_NAME = "peft-core"
@@ -100,32 +101,30 @@ def _alive(pid: int) -> bool:
 def model_card(peft_model: PeftModel, repo_id: str, revision: str | None = None) -> str:
     """The ``README.md`` that :func:`push_to_hub` uploads: YAML metadata for the Hub, then the base model, each
     adapter's method, config and size, and how to load the repo with peft-core and with Hugging Face PEFT."""
-    import yaml
+    # huggingface_hub's ModelCard writes the metadata block as the Hub reads it (key names, YAML quoting,
+    # fields left out when unset), as transformers and Hugging Face PEFT write theirs.
+    from huggingface_hub import ModelCard, ModelCardData
 
     from peft_core.plugins import registry
 
     names = list(peft_model.peft_config)
     configs = [peft_model.peft_config[name] for name in names]
-    methods = [registry().method_for_config(config).name for config in configs]
+    registered = [registry().method_for_config(config) for config in configs]
+    methods = [method.name for method in registered]
     base = next((c.base_model_name_or_path for c in configs if c.base_model_name_or_path), None)
     hub_base = base if base and _HUB_MODEL_ID.fullmatch(base) and not os.path.exists(base) else None
     stacked = [n for n in peft_model.active_adapters if n in names]
 
-    metadata: dict[str, Any] = {}
-    if hub_base:
-        metadata["base_model"] = hub_base
-    metadata["library_name"] = LIBRARY_NAME
     tags = [LIBRARY_NAME, *dict.fromkeys(methods)]
     if hub_base:
         tags.append(f"base_model:adapter:{hub_base}")  # the Hub lists the repo among the base model's adapters
-    metadata["tags"] = tags
+    metadata = ModelCardData(base_model=hub_base, library_name=LIBRARY_NAME, tags=tags)
 
     trainable, total = peft_model.get_nb_trainable_parameters()
     base_text = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else \
         "a model that is not on the Hub (the config's `base_model_name_or_path` is a local path or unset)"
     method_text = ", ".join(dict.fromkeys(methods))
     lines = [
-        "---", yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True).rstrip(), "---", "",
         f"# {repo_id.rsplit('/', 1)[-1]}", "",
         f"{'Adapters' if len(names) > 1 else 'An adapter'} ({method_text}) for {base_text}, saved with "
         f"[peft-core](https://pypi.org/project/peft-core/) in the Hugging Face PEFT format.", "",
@@ -142,13 +141,23 @@ def model_card(peft_model: PeftModel, repo_id: str, revision: str | None = None)
             f"Method: {method} (`{config.peft_type}`), in {where}; {size:,d} saved parameters. Its config:", "",
             "```json", config.to_json_string(inference_mode=True).rstrip(), "```", "",
         ]
-    lines += _loading_section(repo_id, hub_base, configs[0].task_type, names, stacked, revision)
-    return "\n".join(lines)
+    install = _install_command(registered)
+    lines += _loading_section(repo_id, hub_base, configs[0].task_type, names, stacked, revision, install)
+    return str(ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _install_command(registered: list[Method]) -> str:
+    """``pip install peft-core`` and the distributions that registered the adapters' methods; a method
+    registered from code (no distribution) is named instead."""
+    packages = dict.fromkeys(["peft-core", *(m.package for m in registered if m.package)])
+    unpackaged = dict.fromkeys(m.name for m in registered if not m.package)
+    command = f"`pip install {' '.join(packages)}`"
+    return command + (f" and the plugin of {', '.join(unpackaged)}" if unpackaged else "")
 
 
 def _loading_section(
     repo_id: str, hub_base: str | None, task_type: str | None, names: list[str], stacked: list[str],
-    revision: str | None,
+    revision: str | None, install: str,
 ) -> list[str]:
     auto_class = _AUTO_CLASSES.get(task_type or "", "AutoModel")
     at_revision = f", revision={revision!r}" if revision else ""
@@ -166,8 +175,7 @@ def _loading_section(
     ours_call = f"PeftModel.from_pretrained(base, {repo_id!r}{'' if len(ours) > 1 else where(first)}{at_revision})"
     return [
         "## Loading", "",
-        "With [peft-core](https://pypi.org/project/peft-core/) (`pip install peft-core` and the plugin of each "
-        "method, e.g. `peft-lora`):", "",
+        f"With [peft-core](https://pypi.org/project/peft-core/) ({install}):", "",
         "```python",
         f"from transformers import {auto_class}",
         "from peft_core import PeftModel", "",

@@ -87,6 +87,9 @@ class PeftModel(nn.Module):
         self._merged: list[str] = []
         self._injected: dict[str, list[str]] = {}  # adapter -> the module names its plugin reported
         self._base_claims = BaseTensorClaims()  # base-model tensors adapters may change, with their originals
+        # (hook, adapter) -> the plugin function that answers it, found once per change of adapters (_apply_state),
+        # so that per-call hooks (peft_forward, peft_loss) do not go through pluggy on every model call.
+        self._resolved: dict[tuple[str, str], Any] = {}
         self._disabled = False
         self._generation_hook: torch.utils.hooks.RemovableHandle | None = None
         model.requires_grad_(False)  # only what adapters add (and what they save) trains
@@ -94,8 +97,8 @@ class PeftModel(nn.Module):
         self.training = self.base_model.training = model.training
         for name, config in new:
             if isinstance(config, str):
-                raise PeftError(f"A new model needs configs, not the adapter name {config!r}: "
-                                f"stack([LoraConfig(...), ...]).")
+                raise PeftError(f"A new model needs configs, not the adapter name {config!r}: pass a stack of "
+                                f"method configs, stack([config, ...]).")
             self.add_adapter(name, config, autocast_adapter_dtype=autocast_adapter_dtype)
         if is_checkpointing(model) and hasattr(model, "enable_input_require_grads"):
             # With the base frozen, checkpointed blocks would see inputs that need no grad and skip
@@ -123,7 +126,30 @@ class PeftModel(nn.Module):
             args = args[1:]
         mixed = self._mixed_batch(adapter_names, kwargs)
         with mixed_batch(mixed):
-            return self.base_model.model(*args, **self._transform_inputs(kwargs))
+            outputs = self.base_model.model(*args, **self._transform_inputs(kwargs))
+        if self.training and getattr(outputs, "loss", None) is not None:
+            for name in self._loss_adapters():
+                term = self._dispatch("peft_loss", name, outputs=outputs)
+                if term is not None:
+                    outputs.loss = outputs.loss + term
+        return outputs
+
+    def _loss_adapters(self) -> list[str]:
+        return [n for n in self.active_adapters
+                if self._methods[n].adds_loss and not self.peft_config[n].inference_mode]
+
+    def _dispatch(self, hook: str, adapter_name: str, **inputs: Any) -> Any:
+        """Call ``hook`` for one adapter: through pluggy the first time since its adapters changed, then straight
+        to the plugin function that answered."""
+        arguments = {"model": self.base_model.model, "config": self.peft_config[adapter_name],
+                     "adapter_name": adapter_name, **inputs}
+        impl = self._resolved.get((hook, adapter_name))
+        if impl is None:
+            impl, answer = registry().first_answer(hook, **arguments)
+            if impl is not None:
+                self._resolved[hook, adapter_name] = impl
+            return answer
+        return impl.function(**{arg: arguments[arg] for arg in impl.argnames})
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """Generate with the active adapters, or per sample with ``adapter_names`` as in ``forward``; soft
@@ -190,10 +216,7 @@ class PeftModel(nn.Module):
         model = self.base_model.model
         continuation = is_continuation(model, inputs)  # decided once: the first adapter may fill the cache
         for name in names:
-            rewritten = registry().hook.peft_forward(
-                model=model, config=self.peft_config[name], adapter_name=name, inputs=inputs,
-                continuation=continuation,
-            )
+            rewritten = self._dispatch("peft_forward", name, inputs=inputs, continuation=continuation)
             if rewritten is None:
                 method = self._methods[name]
                 raise PluginError(
@@ -248,15 +271,15 @@ class PeftModel(nn.Module):
         self.peft_config[adapter_name] = peft_config
         self._methods[adapter_name] = method
         self._injected[adapter_name] = list(injected)
+        tensors = self._apply_state()[adapter_name]
         # Base tensors the method trains or loads for this adapter (biases): their originals come back on delete.
-        declared = base_tensors(self.base_model.model, self._adapter_tensors(adapter_name))
+        declared = base_tensors(self.base_model.model, tensors)
         try:
             self._base_claims.check_free(adapter_name, declared)
         except PeftError:
             self.delete_adapter(adapter_name)
             raise
         self._base_claims.claim(adapter_name, declared.values())
-        self._apply_state()
 
     def injected_modules(self, adapter_name: str) -> list[str]:
         """The modules the adapter's plugin added or wrapped, as its ``peft_inject`` reported them."""
@@ -282,6 +305,7 @@ class PeftModel(nn.Module):
             raise PeftError(f"No adapter named {adapter_name!r}; this model has {sorted(self.peft_config)}.")
         if adapter_name in self._merged:
             self._unmerge(adapter_name)
+        self._forget(adapter_name)
         for name, module in self._peft_modules():
             if isinstance(module, AdapterLayer) and adapter_name in module.adapters:
                 module.remove(adapter_name)
@@ -299,6 +323,12 @@ class PeftModel(nn.Module):
             self.active_adapters = [next(iter(self.peft_config))]
         self._apply_state()
 
+    def _forget(self, adapter_name: str) -> None:
+        """Let the adapter's plugin remove what it installed besides modules (hooks, allocators)."""
+        registry().hook.peft_delete(
+            model=self.base_model.model, config=self.peft_config[adapter_name], adapter_name=adapter_name
+        )
+
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the base model alone inside the ``with`` block (merged adapters stay merged)."""
@@ -313,16 +343,20 @@ class PeftModel(nn.Module):
     def _peft_modules(self) -> list[tuple[str, nn.Module]]:
         return [(n, m) for n, m in iter_modules(self.base_model.model) if isinstance(m, (AdapterLayer, ModulesToSave))]
 
-    def _apply_state(self) -> None:
-        """Push active/disabled state into every adapter module and set what trains."""
+    def _apply_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Push active/disabled state into every adapter module and set what trains; return each adapter's
+        tensors (saved key -> live tensor), which that took."""
+        self._resolved = {}
         for _, module in self._peft_modules():
             module.set_active(self.active_adapters)
             module.set_disabled(self._disabled)
+        tensors = {name: self._adapter_tensors(name) for name in self.peft_config}
         for name, config in self.peft_config.items():
             trainable = name in self.active_adapters and not config.inference_mode
-            for tensor in self._adapter_tensors(name).values():
+            for tensor in tensors[name].values():
                 if isinstance(tensor, nn.Parameter) and tensor.is_floating_point():
                     tensor.requires_grad_(trainable)
+        return tensors
 
     def _adapter_tensors(self, adapter_name: str, for_saving: bool = False) -> dict[str, torch.Tensor]:
         tensors = registry().hook.peft_state_dict(
@@ -389,9 +423,10 @@ class PeftModel(nn.Module):
     ) -> nn.Module:
         """Merge adapters (default: the active ones) and return the base model with no adapter modules.
 
-        ``modules_to_save`` are replaced by the active adapter's trained copy. Soft prompts cannot be
-        merged: with one among the adapters this raises, unless ``keep_unmergeable=True``, which merges
-        the others and returns this ``PeftModel`` holding only the soft prompts.
+        ``progressbar=True`` shows a progress bar over the modules taken out. ``modules_to_save`` are replaced
+        by the active adapter's trained copy. Soft prompts cannot be merged: with one among the adapters this
+        raises, unless ``keep_unmergeable=True``, which merges the others and returns this ``PeftModel`` holding
+        only the soft prompts.
         """
         names = list(adapter_names or self.active_adapters)
         unmergeable = [n for n in names if not self._methods[n].merges]
@@ -410,9 +445,10 @@ class PeftModel(nn.Module):
                 self._base_claims.release(name)
             else:
                 self._base_claims.restore(name)
+            self._forget(name)
         if not unmergeable:
-            return self._strip(keep_trained_copies=True)
-        self._strip(keep_trained_copies=True, keep_soft_prompts=True)
+            return self._strip(keep_trained_copies=True, progressbar=progressbar)
+        self._strip(keep_trained_copies=True, keep_soft_prompts=True, progressbar=progressbar)
         for name in [n for n in self.peft_config if n not in unmergeable]:
             del self.peft_config[name], self._methods[name], self._injected[name]
         self._merged, self.active_adapters = [], unmergeable
@@ -424,11 +460,19 @@ class PeftModel(nn.Module):
         self.unmerge_adapter()
         for name in self.peft_config:
             self._base_claims.restore(name)
+            self._forget(name)
         return self._strip(keep_trained_copies=False)
 
-    def _strip(self, keep_trained_copies: bool, keep_soft_prompts: bool = False) -> nn.Module:
+    def _strip(
+        self, keep_trained_copies: bool, keep_soft_prompts: bool = False, progressbar: bool = False
+    ) -> nn.Module:
         model = self.base_model.model
-        for name, module in self._peft_modules():
+        modules = self._peft_modules()
+        if progressbar:
+            from tqdm.auto import tqdm
+
+            modules = tqdm(modules, desc="Unloading and merging model")
+        for name, module in modules:
             if isinstance(module, AdapterLayer):
                 replace_module(model, name, module.base_layer)
             elif keep_trained_copies and module.active_adapter is not None:
@@ -471,8 +515,10 @@ class PeftModel(nn.Module):
     # --- saving and loading ------------------------------------------------------------------
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-        is_main_process: bool = True, state_dict: dict[str, torch.Tensor] | None = None, **_ignored: Any,
+        self, save_directory: str | os.PathLike, safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None, save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True, path_initial_model_for_weight_conversion: str | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """Save adapters in the Hugging Face PEFT format: ``default`` at the top, others in subfolders.
 
@@ -483,12 +529,28 @@ class PeftModel(nn.Module):
 
         Everything one call writes changes as one unit (see :mod:`peft_core.directory_commit`): a reader,
         a concurrent save or a kill at any moment leaves the earlier files or these, never a mix.
+
+        The arguments are Hugging Face PEFT's. Only safetensors is written (``safe_serialization=False`` is
+        refused); the embeddings are saved as ``modules_to_save`` copies or adapters, never as base weights
+        (``save_embedding_layers=True`` is refused); PiSSA-to-LoRA conversion on saving is not supported.
         """
+        unsupported = {
+            "safe_serialization=False": not safe_serialization,
+            "save_embedding_layers=True": save_embedding_layers is True,
+            "path_initial_model_for_weight_conversion": path_initial_model_for_weight_conversion is not None,
+        }
+        for argument in [a for a, asked in unsupported.items() if asked]:
+            raise PeftError(f"save_pretrained({argument}) is not supported: adapters are saved as safetensors, with "
+                            f"their own tensors only. Leave the argument at its default.")
         if not is_main_process:
             return
         if os.path.isfile(save_directory):
             raise PeftError(f"{save_directory} is a file; save_pretrained needs a directory.")
         names = selected_adapters or list(self.peft_config)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise PeftError(f"selected_adapters names {unknown}, which this model does not have; it has "
+                            f"{sorted(self.peft_config)}.")
         files, checksums = {}, {}
         for name in names:
             tensors = self._adapter_tensors(name, for_saving=True)

@@ -71,7 +71,7 @@ def check_token_inputs(model: Any, owner: str) -> None:
     if not isinstance(embeddings, nn.Embedding) or not takes_ids:
         raise ConfigError(
             f"{owner} adds virtual tokens to a model's token inputs, but {type(model).__name__} takes no token ids "
-            f"(input_ids). Use a method that adapts layers (LoRA, IA3, ...) for this model."
+            f"(input_ids). Use a method that adapts layers for this model."
         )
 
 

@@ -86,8 +86,8 @@ class AdapterFormat:
     ``export(saved, destination, options) -> path`` writes a saved adapter (a
     :class:`~peft_core.serialization.SavedAdapter`, read and checked as the loader reads it) in this format;
     ``import_(source, destination, options) -> path`` saves a file of this format as an adapter in Hugging
-    Face PEFT's format. Each checks what it writes as the loader would. ``options`` holds the format's own
-    settings by name, which ``add_arguments(parser)`` adds to ``peft convert``.
+    Face PEFT's format. Each checks what it writes as the loader would. ``options`` holds ``force`` (overwrite
+    what is at the destination) and the settings ``add_arguments(group)`` adds to ``peft convert``, by name.
     """
 
     name: str
@@ -112,6 +112,7 @@ class PluginRegistry:
         self.methods: dict[str, Method] = {}
         self.layer_types: dict[str, LayerType] = {}
         self.formats: dict[str, AdapterFormat] = {}
+        self._registered_by: dict[str, tuple[list[str], list[str], list[str]]] = {}  # plugin -> its table keys
         self.broken: dict[str, str] = {}  # plugin name -> why it was refused
         self.refused: list[Method] = []  # an entry per refused plugin, for methods()
         from peft_core import cli, defaults
@@ -168,6 +169,15 @@ class PluginRegistry:
         self.methods.update(new_methods)
         self.layer_types.update(new_layer_types)
         self.formats.update(new_formats)
+        self._registered_by[name] = (list(new_methods), list(new_layer_types), list(new_formats))
+
+    def unregister(self, name: str) -> None:
+        """Remove the plugin registered under ``name`` and what it registered (methods, layer types, formats)."""
+        self.manager.unregister(name=name)
+        methods, layer_types, formats = self._registered_by.pop(name, ([], [], []))
+        for table, keys in ((self.methods, methods), (self.layer_types, layer_types), (self.formats, formats)):
+            for key in keys:
+                table.pop(key, None)
 
     def _check_api_version(self, plugin: object, label: str) -> None:
         declared = getattr(plugin, "PEFT_CORE_API", API_VERSION)
@@ -243,14 +253,14 @@ class PluginRegistry:
         self.hook.peft_register_commands(register=register_command)
         return found
 
-    def first_answer(self, hook: str, **kwargs: Any) -> tuple[Callable[..., Any] | None, Any]:
+    def first_answer(self, hook: str, **kwargs: Any) -> tuple[pluggy.HookImpl | None, Any]:
         """Call ``hook``'s implementations in pluggy's order until one answers (not None), as a first-result
-        hook does; return that implementation's function too, so a caller can call it directly from then on
-        instead of dispatching through pluggy on every model call."""
+        hook does; return that implementation too (``impl.function``, ``impl.argnames``), so a caller can call
+        it directly from then on instead of dispatching through pluggy on every model call."""
         for impl in reversed(getattr(self.manager.hook, hook).get_hookimpls()):
             answer = impl.function(**{arg: kwargs[arg] for arg in impl.argnames})
             if answer is not None:
-                return impl.function, answer
+                return impl, answer
         return None, None
 
     def method_for_config(self, config: PeftConfig) -> Method:

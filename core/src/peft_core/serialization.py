@@ -94,7 +94,7 @@ def check_subfolder(subfolder: str | None) -> None:
     if os.path.isabs(subfolder) or any(part in ("..", "") for part in parts) or ":" in str(subfolder):
         raise AdapterLoadError(
             f"subfolder={subfolder!r} is not a relative path inside the adapter's folder (no '..', no absolute "
-            f"path); name the subfolder as it sits in the adapter's directory or repo, e.g. 'task/lora'."
+            f"path); name the subfolder as it sits in the adapter's directory or repo, e.g. 'task/adapter'."
         )
 
 

@@ -127,7 +127,7 @@ def rewrite_mixed(
     if is_encoder_decoder(model):
         raise PeftError(
             "Mixed batches with soft prompts are supported on decoder-only models; for this encoder-decoder "
-            "model run the soft-prompt adapters one at a time (LoRA and IA3 mix on any model)."
+            "model run the soft-prompt adapters one at a time (methods that adapt layers mix on any model)."
         )
     inputs = dict(inputs)
     slots = [*prompts, None]

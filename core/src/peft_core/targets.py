@@ -1,16 +1,12 @@
 """Default target modules by model family: one table of data that every layer method reads.
 
-A config with ``target_modules=None`` adapts the layers its method's *role* names for the model's family.
-The roles of the installed methods:
-
-- ``"attention"``: the query and value projections (LoRA, QLoRA, AdaLoRA), as in Hugging Face PEFT;
-- ``"ia3"``: the keys, the values and the feed-forward output (IA3);
-- ``"feedforward"``: which of the ``"ia3"`` layers are feed-forward layers (IA3 scales their input).
+A config with ``target_modules=None`` adapts the layers its method's *role* (``DEFAULT_TARGETS_ROLE``) names
+for the model's family. The core holds only the mechanism; each plugin adds its roles' entries with the
+``peft_default_targets`` hook (the LoRA plugin the query and value projections, role ``"attention"``; the
+IA3 plugin its own), and third-party plugins add families or roles the same way.
 
 A family is a transformers ``model_type`` (``"llama"``; for a multimodal model, also its text model's,
-``"gemma3_text"``) or, for models without one (diffusers), a class name of the model. Third-party plugins
-add families, or roles for their own methods, with the ``peft_default_targets`` hook; their entries
-replace the built-in ones for the same family and role.
+``"gemma3_text"``) or, for models without one (diffusers), a class name of the model.
 """
 
 from __future__ import annotations
@@ -22,64 +18,11 @@ from peft_core.errors import ConfigError
 if TYPE_CHECKING:
     from torch import nn
 
-# family -> role -> module names (suffixes, as target_modules takes them).
-_LLAMA_LIKE = {
-    "attention": ["q_proj", "v_proj"], "ia3": ["k_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"],
-}
-_BERT_LIKE = {
-    "attention": ["query", "value"], "ia3": ["key", "value", "output.dense"], "feedforward": ["output.dense"],
-}
-_FUSED_QKV = {
-    "attention": ["query_key_value"], "ia3": ["query_key_value", "dense_4h_to_h"], "feedforward": ["dense_4h_to_h"],
-}
-_PROJ_FC2 = {"attention": ["q_proj", "v_proj"], "ia3": ["k_proj", "v_proj", "fc2"], "feedforward": ["fc2"]}
-# transformers 5 names ViT's projections like Llama's (q_proj, ..., mlp.fc2); earlier releases like BERT's.
-_VIT_LIKE = {
-    "attention": ["query", "value", "q_proj", "v_proj"],
-    "ia3": ["key", "value", "output.dense", "k_proj", "v_proj", "fc2"], "feedforward": ["output.dense", "fc2"],
-}
-_T5_LIKE = {"attention": ["q", "v"], "ia3": ["k", "v", "wo"], "feedforward": ["wo"]}
-_DIFFUSERS_ATTENTION = {
-    "attention": ["to_q", "to_k", "to_v", "to_out.0"], "ia3": ["to_k", "to_v", "ff.net.2"], "feedforward": ["ff.net.2"],
-}
-
-# Families share these dicts; nothing mutates them (targets_table copies).
-BUILTIN_TARGETS: dict[str, dict[str, list[str]]] = {
-    **dict.fromkeys(
-        ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
-         "olmo", "olmo2", "granite", "stablelm", "cohere", "starcoder2"),
-        _LLAMA_LIKE,
-    ),
-    "phi3": {"attention": ["qkv_proj"], "ia3": ["qkv_proj", "down_proj"], "feedforward": ["down_proj"]},
-    "phi": _PROJ_FC2,
-    "gpt2": {"attention": ["c_attn"], "ia3": ["c_attn", "mlp.c_proj"], "feedforward": ["mlp.c_proj"]},
-    "gpt_bigcode": {"attention": ["c_attn"], "ia3": ["c_attn", "mlp.c_proj"], "feedforward": ["mlp.c_proj"]},
-    "gpt_neox": _FUSED_QKV, "falcon": _FUSED_QKV, "bloom": _FUSED_QKV,
-    "gptj": {"attention": ["q_proj", "v_proj"], "ia3": ["k_proj", "v_proj", "fc_out"], "feedforward": ["fc_out"]},
-    "gpt_neo": {
-        "attention": ["q_proj", "v_proj"], "ia3": ["k_proj", "v_proj", "mlp.c_proj"], "feedforward": ["mlp.c_proj"],
-    },
-    "opt": _PROJ_FC2, "bart": _PROJ_FC2, "mbart": _PROJ_FC2, "whisper": _PROJ_FC2,
-    **dict.fromkeys(("bert", "roberta", "xlm-roberta", "electra"), _BERT_LIKE),
-    **dict.fromkeys(("vit", "deit"), _VIT_LIKE),
-    "distilbert": {"attention": ["q_lin", "v_lin"], "ia3": ["k_lin", "v_lin", "lin2"], "feedforward": ["lin2"]},
-    "deberta-v2": {
-        "attention": ["query_proj", "value_proj"], "ia3": ["key_proj", "value_proj", "output.dense"],
-        "feedforward": ["output.dense"],
-    },
-    **dict.fromkeys(("t5", "mt5"), _T5_LIKE),
-    **dict.fromkeys(
-        ("UNet2DConditionModel", "SD3Transformer2DModel", "FluxTransformer2DModel", "Transformer2DModel"),
-        _DIFFUSERS_ATTENTION,
-    ),
-}
-
-
 def targets_table() -> dict[str, dict[str, list[str]]]:
-    """The built-in table with every installed plugin's ``peft_default_targets`` entries on top."""
+    """Family -> role -> module names, from every installed plugin's ``peft_default_targets``."""
     from peft_core.plugins import registry
 
-    table = {family: dict(roles) for family, roles in BUILTIN_TARGETS.items()}
+    table: dict[str, dict[str, list[str]]] = {}
 
     def register(family: str, role: str, module_names: list[str]) -> None:
         if not isinstance(module_names, list) or not all(isinstance(n, str) for n in module_names):

@@ -17,6 +17,10 @@ from peft_ia3 import IA3Config
 from peft_lora import LoraConfig
 from torch import nn
 
+# peft-core's fixtures (llama, gpt2, tiny_model_dir, input_ids) are opt-in. In a repository of its own this
+# line belongs in the top-level conftest.py; inside peft-core's repository a conftest here is not top-level.
+pytest_plugins = ["peft_core.testing.fixtures"]
+
 
 def logits(model: nn.Module, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
     with torch.no_grad():

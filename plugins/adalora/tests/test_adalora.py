@@ -282,3 +282,19 @@ def test_callback_inside_a_real_transformers_trainer(llama, input_ids, tmp_path)
         Trainer(model=peft_model, args=arguments, train_dataset=rows, callbacks=[AdaLoraCallback()]).train()
     pattern = peft_model.peft_config["default"].rank_pattern
     assert pattern and sum(sum(mask) for mask in pattern.values()) == 2 * len(adapters(peft_model))
+
+
+def test_inspect_shows_the_budget_and_the_ranks_the_saved_triplets_have(llama, tmp_path):
+    from peft_core.cli.inspect import describe
+
+    cfg = config("llama", init_r=4, target_r=2)
+    peft_model = get_peft_model(llama, cfg)
+    peft_model.save_pretrained(tmp_path / "full")
+    info = describe(str(tmp_path / "full"))
+    assert (info["peft_type"], info["init_r"], info["target_r"], info["lora_alpha"]) == ("ADALORA", 4, 2, 16)
+    assert info["ranks_in_file"] == [4]
+    # What the allocator kept is what the file holds (only kept triplets are saved), and what inspect reports.
+    cfg.rank_pattern = {"model.layers.0.self_attn.q_proj.lora_E": [True, False, True, False],
+                        "model.layers.1.mlp.down_proj.lora_E": [False, False, False, True]}
+    peft_model.save_pretrained(tmp_path / "pruned")
+    assert describe(str(tmp_path / "pruned"))["ranks_in_file"] == [1, 2, 4]

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from peft_adalora import AdaLoraConfig
-from peft_core.testing.conformance import LORA_TARGETS, TASK_TYPES, MethodConformance
+from peft_core.testing.conformance import ATTENTION_TARGETS, TASK_TYPES, MethodConformance
 
 
 class TestAdaLora(MethodConformance):
     def config(self, kind):
-        return AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=LORA_TARGETS[kind],
+        return AdaLoraConfig(init_r=4, target_r=2, total_step=10, target_modules=ATTENTION_TARGETS[kind],
                              task_type=TASK_TYPES[kind])
 
     bad_configs = [

@@ -134,3 +134,10 @@ def test_training_lowers_the_loss_and_changes_only_the_vectors(llama, input_ids,
 def test_feedforward_modules_must_be_targets():
     with pytest.raises(ConfigError, match=r"feedforward_modules must be a subset of target_modules; \['fc2'\]"):
         IA3Config(target_modules=["k_proj"], feedforward_modules=["fc2"])
+
+
+def test_default_feedforward_modules_are_among_the_default_targets_of_every_family():
+    from peft_ia3.targets import DEFAULT_TARGETS
+
+    for family, (targets, feedforward) in DEFAULT_TARGETS.items():
+        assert feedforward and set(feedforward) <= set(targets), family

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from peft_core.testing.conformance import LORA_TARGETS, TASK_TYPES, MethodConformance
+from peft_core.testing.conformance import ATTENTION_TARGETS, TASK_TYPES, MethodConformance
 from peft_lora import LoraConfig
 
 
 class TestLora(MethodConformance):
     def config(self, kind):
-        return LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS[kind], task_type=TASK_TYPES[kind])
+        return LoraConfig(r=4, lora_alpha=8, target_modules=ATTENTION_TARGETS[kind], task_type=TASK_TYPES[kind])
 
     bad_configs = [
         (lambda: LoraConfig(r=0), "r must be a positive integer"),

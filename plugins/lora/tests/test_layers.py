@@ -182,3 +182,10 @@ def test_dora_on_an_embedding_is_refused(block):
 def test_invalid_configs(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         LoraConfig(**kwargs)
+
+
+def test_default_targets_name_modules_for_every_family():
+    from peft_lora.targets import DEFAULT_TARGETS
+
+    for family, module_names in DEFAULT_TARGETS.items():
+        assert module_names and all(isinstance(n, str) for n in module_names), family

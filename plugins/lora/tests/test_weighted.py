@@ -508,3 +508,10 @@ def test_weights_must_be_finite_numbers(llama, weights):
     with pytest.raises(ConfigError, match="weights must be finite numbers"):
         model.add_weighted_adapter(["default", "other"], weights, "new", combination_type="cat")
     assert not holds_adapter(model, "new")
+
+
+def test_merge_tensors_refuses_an_unknown_merge_with_a_config_error():
+    tensors, weights = [torch.ones(2, 2), torch.ones(2, 2)], torch.tensor([0.5, 0.5])
+    with pytest.raises(ConfigError, match="merge must be one of task_arithmetic, ties, .*, not 'average'"):
+        merge_tensors(tensors, weights, "average")
+    assert issubclass(ConfigError, ValueError)  # callers that caught the ValueError it was still catch it

@@ -82,3 +82,15 @@ def test_hidden_size_defaults_to_the_models(llama):
 def test_bad_configs_name_the_problem(settings, message):
     with pytest.raises(ConfigError, match=message):
         PromptEncoderConfig(num_virtual_tokens=4, **settings)
+
+
+def test_peft_inspect_shows_the_encoder_width(llama, tmp_path):
+    from peft_core.cli.inspect import describe
+    from peft_core.model import get_peft_model
+    from peft_p_tuning import PromptEncoderConfig
+
+    model = get_peft_model(llama, PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=24,
+                                                       task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path)
+    info = describe(str(tmp_path))
+    assert info["encoder_hidden_size"] == 24 and info["num_virtual_tokens"] == 3

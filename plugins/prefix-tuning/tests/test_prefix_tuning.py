@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import safetensors.torch
 import torch
@@ -75,3 +77,37 @@ def test_bfloat16_model_gets_prefixes_in_its_dtype(llama_dir, input_ids):
 def test_token_dim_that_does_not_split_into_heads_is_refused(llama):
     with pytest.raises(ConfigError, match="does not split into num_attention_heads=5"):
         get_peft_model(llama, PrefixTuningConfig(num_virtual_tokens=2, num_attention_heads=5))
+
+
+@pytest.mark.parametrize("kind", ["llama", "t5"])
+def test_prefixes_use_transformers_cache_api_without_deprecation_warnings(kind, tmp_path):
+    """transformers 5.25 deprecates the ``past_key_values`` argument (removed in 5.40) with a FutureWarning and
+    logs its ``cache`` rename once: the prefix is handed over as ``cache``, in training and generation,
+    cached or not, alone or in a mixed batch."""
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    task = "SEQ_2_SEQ_LM" if kind == "t5" else "CAUSAL_LM"
+    model = get_peft_model(tiny_model(kind), PrefixTuningConfig(num_virtual_tokens=3, task_type=task))
+    input_ids = torch.randint(2, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    transformers_logger = transformers_logging.get_logger("transformers")
+    transformers_logger.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # say it again if an earlier test already had it said
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            train_steps(model, {"input_ids": input_ids, "labels": input_ids}, steps=1)
+            settings = dict(max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0)
+            cached = model.generate(input_ids=input_ids, **settings)
+            uncached = model.generate(input_ids=input_ids, use_cache=False, **settings)
+            if kind == "llama":  # mixed batches are for decoder-only models
+                model.add_adapter("other", PrefixTuningConfig(num_virtual_tokens=2, task_type=task))
+                model.generate(input_ids=input_ids, adapter_names=["default", "other"], **settings)
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert torch.equal(cached, uncached)
+    assert not [message for message in logged if "past_key_values" in message]

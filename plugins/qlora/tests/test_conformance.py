@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from peft_core.model import TASK_MODELS, PeftModel, prepare_config
-from peft_core.testing.conformance import LORA_TARGETS, TASK_TYPES, MethodConformance
+from peft_core.testing.conformance import ATTENTION_TARGETS, TASK_TYPES, MethodConformance
 from peft_qlora import QLoraConfig
 from peft_qlora.layer import quantize_model
 
@@ -22,7 +22,8 @@ class TestQLora(MethodConformance):
         return quantize_model(base, config)
 
     def config(self, kind):
-        return QLoraConfig(bits=4, r=4, lora_alpha=8, target_modules=LORA_TARGETS[kind], task_type=TASK_TYPES[kind])
+        return QLoraConfig(bits=4, r=4, lora_alpha=8, target_modules=ATTENTION_TARGETS[kind],
+                           task_type=TASK_TYPES[kind])
 
     bad_configs = [
         (lambda: QLoraConfig(bits=3), "bits must be 4 or 8"),

@@ -17,7 +17,7 @@ from typing import Any
 
 from peft_core.plugins import hookimpl
 
-CORE_COMMANDS = ("methods", "inspect", "merge", "convert", "train")
+CORE_COMMANDS = ("methods", "inspect", "merge", "convert")
 DESCRIPTION = (
     "Parameter-efficient fine-tuning adapters: see which methods are installed, inspect, merge and convert "
     "saved adapters, and run the subcommands installed packages add."

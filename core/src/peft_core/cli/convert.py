@@ -1,178 +1,121 @@
-"""``peft convert``: between a saved LoRA adapter (the Hugging Face PEFT format) and the diffusers LoRA format.
+"""``peft convert``: a saved adapter to another format, or back, through the formats plugins register.
 
-No model is needed: the diffusers layout is the PEFT layout with a component prefix instead of
-``base_model.model.``, and the rank and alpha of every module are computed from the config and the factors'
-shapes, exactly as :func:`peft_core.integrations.diffusers.diffusers_lora_state_dict` computes them on a
-live model. The original ``adapter_config.json`` also travels in the file's header (``peft_adapter_config``,
-which diffusers ignores), so PEFT -> diffusers -> PEFT gives back the same config, not only an equivalent one.
+The core knows one format, its own (Hugging Face PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``).
+Every other is an :class:`~peft_core.plugins.AdapterFormat` from a plugin's ``peft_register_formats``: ``--to
+NAME`` hands it the saved adapter, read and checked here as the loader reads and checks it, and ``--to peft``
+lets it read its own file and save the adapter. The formats' names and their own options come from the
+registry, so a third-party format is a first-class citizen of this command.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peft_core.errors import AdapterLoadError, PeftError
+from peft_core.errors import PeftError, PluginError
 
 if TYPE_CHECKING:
-    import torch
+    from peft_core.plugins import AdapterFormat
 
-CONFIG_HEADER_KEY = "peft_adapter_config"  # {component: adapter_config dict}; our own, beside diffusers' key
+PEFT = "peft"  # the core's own format
+# Arguments of the parse that are not a format's options: the command's own, and the peft command's.
+_NOT_OPTIONS = frozenset({"command", "debug", "run", "to", "from_format", "src", "dst"})
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    formats = _formats()
+    listed = "; ".join(f"{f.name}, {f.description} (from {f.package or 'user code'})" for f in formats.values())
     parser = subparsers.add_parser(
-        "convert", help="convert a LoRA between the PEFT and the diffusers format",
-        description="Convert a LoRA adapter between the Hugging Face PEFT format (adapter_config.json + "
-        "adapter_model.safetensors) and the diffusers format (pytorch_lora_weights.safetensors, what "
-        "pipeline.load_lora_weights reads). No base model is needed.",
+        "convert", help="convert a saved adapter to or from another format",
+        description="Convert an adapter between the Hugging Face PEFT format (adapter_config.json + "
+        "adapter_model.safetensors) and a format an installed plugin provides. No base model is needed.",
+        epilog=f"Installed formats: {listed}." if formats else "No installed plugin provides a format yet.",
     )
-    parser.add_argument("--to", required=True, choices=("diffusers", "peft"), help="the format to write")
-    parser.add_argument("src", metavar="SRC", help="the adapter to convert: a directory, a .safetensors file "
-                        "(diffusers) or a Hub repo id")
-    parser.add_argument("dst", metavar="DST", help="the directory to write (for --to diffusers also a "
-                        ".safetensors file name)")
-    parser.add_argument("--component", default="unet", help="the pipeline component the LoRA is for: unet, "
-                        "transformer, text_encoder, ... (default: unet)")
+    parser.add_argument("--to", required=True, type=_format_name(formats, with_peft=True), metavar="FORMAT",
+                        help=f"the format to write: {', '.join([PEFT, *formats])}")
+    parser.add_argument("--from", dest="from_format", type=_format_name(formats, with_peft=False), metavar="FORMAT",
+                        help="with --to peft, the format SRC is in (needed only when several are installed)")
+    parser.add_argument("src", metavar="SRC", help="the adapter to convert: a saved adapter's directory or Hub "
+                        "repo id, or with --to peft a file, directory or Hub repo of the format")
+    parser.add_argument("dst", metavar="DST", help="where to write it (a directory; a format may also take a "
+                        "file name)")
     parser.add_argument("--force", action="store_true", help="overwrite an adapter already at DST")
+    for fmt in formats.values():
+        if fmt.add_arguments is None:
+            continue
+        group = parser.add_argument_group(f"options of the {fmt.name} format")
+        try:
+            fmt.add_arguments(group)
+        except argparse.ArgumentError as exc:
+            raise PluginError(
+                f"The {fmt.name} format of {fmt.package or 'user code'} adds a `peft convert` option another "
+                f"format or the command already has ({exc}). Uninstall one of the two."
+            ) from exc
     parser.set_defaults(run=run)
     return parser
 
 
-# --- PEFT -> diffusers -----------------------------------------------------------------------------
+def _formats() -> dict[str, AdapterFormat]:
+    from peft_core.plugins import registry
+
+    return dict(sorted(registry().formats.items()))
 
 
-def peft_to_diffusers(
-    config: dict[str, Any], tensors: dict[str, torch.Tensor], component: str, source: str
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """A saved LoRA's (config, tensors) as diffusers (tensors, metadata), as ``diffusers_lora_state_dict``
-    would give them for the same adapter on its model."""
-    from peft_core.integrations.diffusers import _FACTOR_SUFFIXES, _SAVED_PREFIX, _pattern_value
+def _format_name(formats: dict[str, AdapterFormat], with_peft: bool) -> Any:
+    """An argparse ``type`` that accepts the installed formats' names; another is a usage error naming them."""
+    names = [PEFT, *formats] if with_peft else list(formats)
 
-    if config.get("peft_type") != "LORA":
-        raise PeftError(f"The diffusers LoRA format holds LoRA adapters; {source} is {config.get('peft_type')}.")
-    if config.get("bias", "none") != "none" or config.get("modules_to_save"):
-        raise PeftError(
-            f"{source} also trains base biases or modules_to_save, which the diffusers LoRA format cannot hold "
-            f"(it holds LoRA factors only)."
-        )
-    out, ranks = {}, {}
-    for key, tensor in tensors.items():
-        path = key.removeprefix(_SAVED_PREFIX)
-        if path == key or not path.endswith(_FACTOR_SUFFIXES):
-            raise AdapterLoadError(f"{source}: {key!r} is no LoRA factor of the PEFT layout; cannot convert it.")
-        out[f"{component}.{path}"] = tensor.contiguous()
-        if path.endswith(("lora_A.weight", "lora_embedding_A")):
-            ranks[path.rsplit(".lora_", 1)[0]] = int(tensor.shape[0])
-    if not ranks:
-        raise AdapterLoadError(f"{source} has no lora_A factors; there is nothing to write in the diffusers format.")
-    alphas = {}
-    for path, rank in ranks.items():
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, path, config.get("lora_alpha", 8))
-        # The same float operations as the LoRA layer's scaling, then diffusers_lora_state_dict's alpha.
-        scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-        alphas[path] = float(scaling) * rank
-    from peft_core.integrations.diffusers import lora_metadata
+    def check(name: str) -> str:
+        if name not in names:
+            installed = ", ".join(names) or "none"
+            raise argparse.ArgumentTypeError(
+                f"no installed plugin provides the format {name!r} (installed: {installed}). Install the plugin "
+                f"that provides it; `peft methods` lists the installed plugins."
+            )
+        return name
 
-    metadata = lora_metadata(
-        component, ranks, alphas, float(config.get("lora_dropout") or 0.0), bool(config.get("use_dora", False))
-    )
-    return out, metadata
+    return check
 
 
-def to_diffusers(src: str, dst: str, component: str = "unet", force: bool = False) -> str:
-    """Convert the saved adapter ``src`` and write the diffusers file; return its path."""
-    from safetensors.torch import save
-
-    from peft_core.integrations.diffusers import LORA_WEIGHT_NAME, METADATA_KEY, diffusers_lora_config
-    from peft_core.serialization import atomic_write_bytes, read_adapter, resolve_file
+def export_adapter(fmt: AdapterFormat, src: str, dst: str, options: dict[str, Any]) -> str:
+    """Write the saved adapter ``src`` in the format ``fmt``; return what the format wrote."""
+    from peft_core.serialization import read_adapter, resolve_file
     from peft_core.stacking import MANIFEST_NAME
 
     if resolve_file(src, MANIFEST_NAME, required=False) is not None:
         raise PeftError(f"{src} is a stack of adapters; convert one member (its subfolder) at a time.")
     saved = read_adapter(src)  # read and checked as the loader reads and checks it
-    saved.peft_config()
-    config = saved.config
-    tensors, metadata = peft_to_diffusers(config, saved.tensors, component, src)
-    file = Path(dst) if dst.endswith(".safetensors") else Path(dst, LORA_WEIGHT_NAME)
-    diffusers_lora_config(tensors, metadata, component, str(file))  # what is written must load
-    _check_free(file, force)
-    file.parent.mkdir(parents=True, exist_ok=True)
-    header = {
-        "format": "pt",
-        METADATA_KEY: json.dumps(metadata, indent=2, sort_keys=True),
-        CONFIG_HEADER_KEY: json.dumps({component: config}, sort_keys=True),
-    }
-    atomic_write_bytes(file, save(tensors, metadata=header))
-    return str(file)
+    saved.peft_config()  # and its config validated as the loader validates it: a format writes what loads
+    return fmt.export(saved, dst, options)
 
 
-# --- diffusers -> PEFT -----------------------------------------------------------------------------
-
-
-def diffusers_to_peft(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None, saved_config: dict[str, Any] | None,
-    component: str, source: str,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The component's LoRA of a diffusers file as a PEFT (config dict, tensors).
-
-    ``saved_config`` (the header's copy of the original config) is used if it describes exactly these
-    factors with the same scalings; otherwise, or for files written elsewhere, the config is rebuilt from
-    the factors and the metadata, as ``load_diffusers_lora`` does.
-    """
-    from peft_core.integrations.diffusers import (
-        _SAVED_PREFIX,
-        _component_fields,
-        _component_tensors,
-        _lora_config_fields,
-    )
-
-    own = _component_tensors(tensors, component, source)
-    out = {_SAVED_PREFIX + k: v.contiguous() for k, v in own.items()}
-    fields = _lora_config_fields(own, _component_fields(metadata, component), source)
-    if saved_config is not None:
-        try:
-            _, expected = peft_to_diffusers(saved_config, out, component, source)
-        except PeftError:
-            expected = None
-        rebuilt = _lora_config_fields(own, _component_fields(expected, component), source)
-        if expected is not None and rebuilt == fields:
-            return saved_config, out
-    return {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": None, **fields}, out
-
-
-def to_peft(src: str, dst: str, component: str = "unet", force: bool = False) -> str:
-    """Convert the diffusers LoRA ``src`` (file, directory or Hub repo) and save it as a PEFT adapter in ``dst``."""
-    from safetensors import safe_open
-
+def import_adapter(fmt: AdapterFormat, src: str, dst: str, options: dict[str, Any]) -> str:
+    """Save ``src``, a file of the format ``fmt``, as an adapter in the PEFT format in ``dst``."""
     from peft_core.config import CONFIG_NAME
-    from peft_core.integrations.diffusers import LORA_WEIGHT_NAME, read_diffusers_lora
-    from peft_core.serialization import WEIGHTS_NAME, config_from_file, parse_json, resolve_file, save_adapter
+    from peft_core.serialization import WEIGHTS_NAME
 
-    tensors, metadata = read_diffusers_lora(src)
-    file = src if os.path.isfile(src) else resolve_file(src, LORA_WEIGHT_NAME)
-    with safe_open(file, framework="pt") as f:
-        header = f.metadata() or {}
-    try:
-        saved_config = parse_json((header.get(CONFIG_HEADER_KEY) or "{}").encode(), file).get(component)
-    except (AdapterLoadError, AttributeError):
-        saved_config = None  # a damaged copy only costs the exact config; the factors decide
-    config, out = diffusers_to_peft(tensors, metadata, saved_config, component, src)
-    # Validated by the LoRA config class either way, as the loader validates it, so what is written loads. The
-    # original config is written as it was, so nothing drifts; a rebuilt one with every field, as
-    # save_pretrained writes it.
-    parsed = config_from_file(dict(config), f"{file} ({component})")
-    text = json.dumps(config, indent=2, sort_keys=True) if config is saved_config else parsed.to_json_string(
-        inference_mode=True
-    )
-    _check_free(Path(dst, WEIGHTS_NAME), force)
-    _check_free(Path(dst, CONFIG_NAME), force)
-    save_adapter(dst, text, out)
-    return dst
+    _refuse_peft_source(src)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        _check_free(Path(dst, name), bool(options.get("force")))
+    return fmt.import_(src, dst, options)
+
+
+def _refuse_peft_source(src: str) -> None:
+    """A local adapter (or stack) already in the PEFT format has nothing to convert with ``--to peft``."""
+    from peft_core.config import CONFIG_NAME
+    from peft_core.serialization import resolve_file
+    from peft_core.stacking import MANIFEST_NAME
+
+    if not Path(src).is_dir():
+        return
+    for name in (CONFIG_NAME, MANIFEST_NAME):
+        if resolve_file(src, name, required=False) is not None:
+            others = ", ".join(_formats()) or "the one a plugin provides"
+            raise PeftError(
+                f"{src} is already in the PEFT format (it holds {name}); --to peft has nothing to convert. To "
+                f"write it in another format, pass --to with one of: {others}."
+            )
 
 
 def _check_free(file: Path, force: bool) -> None:
@@ -182,10 +125,27 @@ def _check_free(file: Path, force: bool) -> None:
         raise PeftError(f"{file.parent} is a file, not a directory.")
 
 
+def _source_format(formats: dict[str, AdapterFormat], name: str | None) -> AdapterFormat:
+    if name is not None:
+        return formats[name]
+    if len(formats) == 1:
+        return next(iter(formats.values()))
+    if not formats:
+        raise PeftError("No installed plugin provides a format to convert from. Install one that registers a "
+                        "format (peft_register_formats).")
+    raise PeftError(f"Several formats are installed ({', '.join(formats)}); pass --from with the one SRC is in.")
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.to == "diffusers":
-        written = to_diffusers(args.src, args.dst, args.component, args.force)
+    formats = _formats()
+    # Everything else on the command line is an option of the formats (theirs, and --force).
+    options = {key: value for key, value in vars(args).items() if key not in _NOT_OPTIONS}
+    if args.to == PEFT:
+        written = import_adapter(_source_format(formats, args.from_format), args.src, args.dst, options)
+    elif args.from_format is not None:
+        raise PeftError(f"--from names the format SRC is in for --to {PEFT}; with --to {args.to}, SRC is a saved "
+                        f"adapter in the PEFT format. Drop --from.")
     else:
-        written = to_peft(args.src, args.dst, args.component, args.force)
-    print(f"converted {args.src} to the {args.to} format ({args.component}): {written}")
+        written = export_adapter(formats[args.to], args.src, args.dst, options)
+    print(f"converted {args.src} to the {args.to} format: {written}")
     return 0

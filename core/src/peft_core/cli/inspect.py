@@ -1,7 +1,9 @@
 """``peft inspect``: what a saved adapter (or stack of adapters) is, without loading a model.
 
 It reads ``adapter_config.json`` as plain JSON, so an adapter of a method whose plugin is not installed
-can still be inspected, and the weights file only for tensor shapes and dtypes.
+can still be inspected, and the weights file only for tensor shapes and dtypes. What only the method knows
+(its rank, the ranks its factors really have) comes from its plugin's ``peft_describe`` hook, and is shown as
+the plugin gives it.
 """
 
 from __future__ import annotations
@@ -14,26 +16,33 @@ from typing import TYPE_CHECKING, Any
 from peft_core.cli import add_legacy_bin_option
 
 if TYPE_CHECKING:
+    import torch
+
     from peft_core.stacking import Manifest
 
-# Config fields that say how big an adapter is, for the methods of this project and Hugging Face PEFT:
-# LoRA-like ranks and scales, AdaLoRA's budget, soft prompts' length.
-SIZE_FIELDS = (
-    "r", "lora_alpha", "rank_pattern", "alpha_pattern", "init_r", "target_r", "num_virtual_tokens",
-    "encoder_hidden_size",
-)
+# Config fields of the core's own config classes that say how big an adapter is: a soft prompt's length
+# (PromptLearningConfig). A method's own size fields are its plugin's to describe.
+CORE_SIZE_FIELDS = ("num_virtual_tokens",)
+# The fields describe_one sets after the plugin's; a plugin's field of the same name is left out.
+_CORE_FACTS = frozenset({
+    "parameters", "tensors", "file", "file_size", "dtypes", "integrity", "replaces_base_tensors", "name", "stack",
+    "members",
+})
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "inspect", help="describe a saved adapter or stack",
-        description="Describe a saved adapter: method, base model, task type, target modules, rank or number of "
-        "virtual tokens, parameter and tensor counts, file size, dtypes. PATH_OR_REPO is a directory written by "
-        "save_pretrained, a stack directory (peft_stack.json), or a Hugging Face Hub repo id.",
+        description="Describe a saved adapter: method, base model, task type, target modules, what its method's "
+        "plugin reports (such as its rank), parameter and tensor counts, file size, dtypes. "
+        "PATH_OR_REPO is a directory written by save_pretrained, a stack directory (peft_stack.json), or a Hugging "
+        "Face Hub repo id.",
     )
     parser.add_argument("path", metavar="PATH_OR_REPO", help="adapter directory or Hub repo id")
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     parser.add_argument("--subfolder", help="folder inside the directory or repo that holds the adapter")
+    parser.add_argument("--token", help="Hugging Face token for a private or gated repo (default: HF_TOKEN or the "
+                        "stored login)")
     parser.add_argument("--json", action="store_true", help="print a JSON object, for scripts")
     add_legacy_bin_option(parser)
     parser.set_defaults(run=run)
@@ -88,16 +97,19 @@ def describe_one(
     except AdapterLoadError as exc:
         integrity = f"MISMATCH: {exc}"
     prefixes = _tensor_prefixes(config["peft_type"])
-    # Ranks as the factors have them, which is what a pattern or a pruned AdaLoRA really left.
-    ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith("lora_A.weight") and t.dim() >= 1})
-    return {
+    head = {
         "source": str(path_or_repo) if not hub_kwargs.get("subfolder") else f"{path_or_repo}/{hub_kwargs['subfolder']}",
         "peft_type": config["peft_type"],
         "base_model": config.get("base_model_name_or_path"),
         "task_type": config.get("task_type"),
         "target_modules": config.get("target_modules"),
-        **{field: config[field] for field in SIZE_FIELDS if config.get(field) not in (None, {}, [])},
-        "ranks_in_file": ranks,
+        **{field: config[field] for field in CORE_SIZE_FIELDS if config.get(field) not in (None, {}, [])},
+    }
+    described = plugin_description(config, tensors)
+    return {
+        **head,
+        # The core's own facts win a clash: a plugin adds fields, it does not restate the core's.
+        **{key: value for key, value in described.items() if key not in head and key not in _CORE_FACTS},
         "parameters": sum(t.numel() for t in tensors.values()),
         "tensors": len(tensors),
         "file": os.path.basename(saved.weights_file),
@@ -109,6 +121,24 @@ def describe_one(
             list(tensors), prefixes, config.get("modules_to_save") or []
         ),
     }
+
+
+def plugin_description(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """What the adapter's method says about it through ``peft_describe`` (nothing if no plugin answers).
+
+    A plugin that fails is reported in the description rather than raised, as a damaged file is: inspecting
+    is how one finds out what is wrong.
+    """
+    from peft_core.plugins import registry
+
+    try:
+        function, described = registry().first_answer("peft_describe", config=config, tensors=tensors)
+    except Exception as exc:  # a plugin's bug, or a file it cannot make sense of
+        return {"description_error": f"peft_describe failed: {type(exc).__name__}: {exc}"}
+    if described is not None and not isinstance(described, dict):
+        return {"description_error": f"{function.__module__}.peft_describe returned {type(described).__name__}, "
+                                     f"not a dict of fields; fix or upgrade that plugin."}
+    return described or {}
 
 
 def _tensor_prefixes(peft_type: str) -> tuple[str, ...] | None:
@@ -162,15 +192,18 @@ def _print_one(info: dict[str, Any], indent: str = "") -> None:
             continue
         shown = ", ".join(map(str, value)) if isinstance(value, list) else value
         shown = json.dumps(value) if isinstance(value, dict) else shown
-        print(f"{indent}{key + ':':<16}{shown}")
+        print(f"{indent}{key + ':':<15} {shown}")  # a space even after a long name
     print(f"{indent}{'parameters:':<16}{info['parameters']:,}")
     print(f"{indent}{'tensors:':<16}{info['tensors']}")
     print(f"{indent}{'file:':<16}{info['file']} ({_size(info['file_size'])}, {info['file_size']} bytes)")
 
 
 def run(args: argparse.Namespace) -> int:
-    hub_kwargs = {k: v for k, v in (("revision", args.revision), ("subfolder", args.subfolder)) if v}
-    info = describe(args.path, args.allow_legacy_bin, **hub_kwargs)
+    from peft_core.cli.hub_access import hub_access
+
+    access = hub_access(args.path, args.revision, args.subfolder, args.token)
+    with access.explaining(args.path):
+        info = describe(args.path, args.allow_legacy_bin, **access.kwargs)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(found, indent=2))
         return 0
     if not found:
-        print("No fine-tuning methods are installed. Install a plugin, e.g.: pip install peft-lora")
+        print("No fine-tuning methods are installed. Install a method's package (pip install peft-<method>); "
+              "docs/index.md lists them.")
         return 0
     columns = ("name", "peft_type", "package", "version", "state")
     table = [[str(row[c] if row[c] is not None else "-") for c in columns] for row in found]

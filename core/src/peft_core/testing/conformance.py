@@ -16,7 +16,8 @@ pytest (with peft-core installed, its plugin is active) runs every check on ever
 The checks: injection changes only what the method reports; only the adapter's tensors train and the base
 stays as it was; save and load give equal outputs; the saved keys are the method's, stable across names
 and reloads; merge then unmerge restores the outputs and the base weights (for methods registered with
-``merges=True``); the method works in ``stack([...])`` with LoRA; injection works on the ``meta`` device;
+``merges=True``); the method works in ``stack([...])`` with the kit's own reference method (an additive
+low-rank term, so the run needs nothing but peft-core); injection works on the ``meta`` device;
 a bfloat16 base trains; bad configs raise a :class:`~peft_core.errors.PeftError` naming the problem.
 """
 
@@ -36,11 +37,12 @@ from peft_core.model import TASK_MODELS, PeftModel, get_peft_model, prepare_conf
 from peft_core.plugins import registry
 from peft_core.stacking import stack
 from peft_core.testing.models import TINY_MODELS, tiny_model
+from peft_core.testing.reference import ReferenceConfig, register_reference_method
 from peft_core.testing.training import train_steps
 
 TASK_TYPES = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert-classifier": "SEQ_CLS"}
-# LoRA targets for the stack check, by tiny model.
-LORA_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert-classifier": ["query", "value"]}
+# The query and value projections of each tiny model: targets for LoRA-like methods, and the reference method.
+ATTENTION_TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert-classifier": ["query", "value"]}
 
 
 def call_inputs(kind: str) -> dict[str, torch.Tensor]:
@@ -176,22 +178,21 @@ class MethodConformance:
             torch.testing.assert_close(outputs(model, kind), plain, **tolerance)
         torch.testing.assert_close(outputs(model.merge_and_unload(), kind), adapted, **tolerance)
 
-    def test_works_in_a_stack_with_lora(self, kind, tiny_model_dir, tmp_path):
-        # Found through the registry, as any method: the core never imports a plugin by name.
-        lora_config = registry().method_for_peft_type("LORA").config_class
+    def test_works_in_a_stack(self, kind, tiny_model_dir, tmp_path):
+        register_reference_method()
         torch.manual_seed(0)
-        lora = lora_config(r=2, target_modules=LORA_TARGETS[kind], task_type=TASK_TYPES[kind])
-        # The method first: a quantizing method quantizes the base LoRA then adapts.
-        model = get_peft_model(self.base(kind, tiny_model_dir), stack([self.config(kind), lora], names=["it", "lora"]))
+        other = ReferenceConfig(target_modules=ATTENTION_TARGETS[kind], task_type=TASK_TYPES[kind])
+        # The method first: a quantizing method quantizes the base, then the reference method adapts it.
+        model = get_peft_model(self.base(kind, tiny_model_dir), stack([self.config(kind), other], names=["it", "ref"]))
         losses = train_steps(model, call_inputs(kind), steps=self.train_steps, lr=self.learning_rate)
         assert all(torch.isfinite(torch.tensor(losses)))
         trained = {n for n, p in model.named_parameters() if p.requires_grad}
-        assert any(".lora." in n or "lora_" in n for n in trained) and len(trained) > 2
+        assert any(".ref_" in n for n in trained) and len(trained) > 2
         model.eval()
         expected = outputs(model, kind)
         model.save_pretrained(tmp_path)
         loaded = PeftModel.from_pretrained(self.loading_base(kind, tiny_model_dir), tmp_path)
-        assert loaded.active_adapters == ["it", "lora"]
+        assert loaded.active_adapters == ["it", "ref"]
         torch.testing.assert_close(outputs(loaded, kind), expected)
 
     def test_injects_on_the_meta_device(self, kind):

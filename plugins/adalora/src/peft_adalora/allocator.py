@@ -1,13 +1,14 @@
 """The rank allocator, the orthogonality penalty, and the ways to run the allocator without forgetting it.
 
 One :class:`RankAllocator` per AdaLoRA adapter is made at injection and kept on the transformers model
-(``model._adalora_allocators``, adapter name -> allocator). A forward hook on that model, registered
-once, does two cheap things per call in training mode (never in a layer's forward):
+(``model._adalora_allocators``, adapter name -> allocator) until the adapter is deleted (``peft_delete``).
+Through the core's ``peft_loss`` hook, each training call of the model with a loss (never a layer's
+forward):
 
-* adds ``orth_reg_weight * mean(||A A^T - I||_F, ||B^T B - I||_F over the adapter's matrices)`` to
-  ``output.loss`` when the model returned a loss (the mean is Hugging Face PEFT's normalisation);
-* counts training forward passes, and warns once if ``tinit + WARN_MARGIN`` of them ran while
-  :func:`update_and_allocate` was never called.
+* adds ``orth_reg_weight * mean(||A A^T - I||_F, ||B^T B - I||_F over the adapter's matrices)`` to the
+  loss (the mean is Hugging Face PEFT's normalisation);
+* counts the call, and warns once if ``tinit + WARN_MARGIN`` of them ran while :func:`update_and_allocate`
+  was never called.
 
 :func:`update_and_allocate` must run after every optimizer step (before ``zero_grad``): it reads the
 gradients. :func:`install_allocator` makes the optimizer do it; :class:`~peft_adalora.AdaLoraCallback`
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -150,7 +150,7 @@ class RankAllocator:
         else:  # after the final allocation: keep the final mask (the optimizer may move masked values)
             self.apply(self.final_keep)
 
-    # --- the forward hook's part ---------------------------------------------------------------
+    # --- the training loss's part ---------------------------------------------------------------
 
     def orthogonal_penalty(self) -> torch.Tensor:
         terms = []
@@ -175,35 +175,28 @@ class RankAllocator:
 
 
 def allocators(model: nn.Module) -> dict[str, RankAllocator]:
-    """The allocators kept on a transformers model (created on first use)."""
-    found = model.__dict__.get("_adalora_allocators")
-    if found is None:
-        found = {}
-        model.__dict__["_adalora_allocators"] = found
-        model.register_forward_hook(_training_hook)
-    return found
+    """The allocators kept on a transformers model, by adapter name (created on first use; the plugin's
+    ``peft_delete`` removes an adapter's, and the dict with the last one)."""
+    return model.__dict__.setdefault("_adalora_allocators", {})
 
 
-def _training_hook(module: nn.Module, args: Any, output: Any) -> Any:
-    if not module.training or not torch.is_grad_enabled():
+def training_penalty(model: nn.Module, adapter_name: str) -> torch.Tensor | None:
+    """The orthogonality penalty of one adapter for this training call (``peft_loss``), which also counts the
+    call for the warning about an allocator never run."""
+    allocator = allocators(model).get(adapter_name)
+    if allocator is None or not allocator.applied() or not torch.is_grad_enabled():
         return None
-    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
-    penalty = None
-    for allocator in module.__dict__.get("_adalora_allocators", {}).values():
-        if allocator.config.inference_mode or not allocator.applied():
-            continue
-        allocator.count_forward()
-        weight = allocator.config.orth_reg_weight
-        if isinstance(loss, torch.Tensor) and weight > 0:
-            term = weight * allocator.orthogonal_penalty()
-            penalty = term if penalty is None else penalty + term
-    if penalty is None:
-        return None
-    if isinstance(output, Mapping):
-        output["loss"] = loss + penalty.to(loss.dtype)
-    else:
-        output.loss = loss + penalty.to(loss.dtype)
-    return output
+    allocator.count_forward()
+    weight = allocator.config.orth_reg_weight
+    return weight * allocator.orthogonal_penalty() if weight > 0 else None
+
+
+def forget(model: nn.Module, adapter_name: str) -> None:
+    """Drop the adapter's allocator, and the model's table of them with the last one."""
+    found = allocators(model)
+    found.pop(adapter_name, None)
+    if not found:
+        del model.__dict__["_adalora_allocators"]
 
 
 def _base_model(peft_model: nn.Module) -> nn.Module:

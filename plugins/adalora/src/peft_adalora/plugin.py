@@ -5,7 +5,7 @@ Importing this module stays light: layers, and so torch, load when an adapter is
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from peft_core import Method, hookimpl
 
@@ -21,7 +21,9 @@ PEFT_CORE_API = 1  # the version of peft-core's plugin API this plugin is writte
 
 @hookimpl
 def peft_register_methods(register) -> None:
-    register(Method(name="adalora", peft_type="ADALORA", config_class=AdaLoraConfig, tensor_prefixes=("lora_",)))
+    register(Method(
+        name="adalora", peft_type="ADALORA", config_class=AdaLoraConfig, tensor_prefixes=("lora_",), adds_loss=True,
+    ))
 
 
 @hookimpl
@@ -55,7 +57,9 @@ def peft_state_dict(
     import torch
     from peft_core.defaults import SAVED_PREFIX, adapter_layers, adapter_state_dict, trained_bias_tensors
 
-    tensors = {**adapter_state_dict(model, adapter_name), **trained_bias_tensors(model, adapter_name, config.bias)}
+    tensors = adapter_state_dict(model, adapter_name)
+    if config.bias != "none":
+        tensors.update(trained_bias_tensors(model, adapter_name, wrapped_layers_only=config.bias == "lora_only"))
     if for_saving and config.rank_pattern:
         for name, layer in adapter_layers(model, adapter_name):
             adapter = layer.adapters[adapter_name]
@@ -71,6 +75,25 @@ def peft_state_dict(
 
 
 @hookimpl
+def peft_loss(model: nn.Module, config: object, adapter_name: str) -> torch.Tensor | None:
+    """The orthogonality penalty that keeps each adapter's A and B near orthogonal, weighted by orth_reg_weight."""
+    if not isinstance(config, AdaLoraConfig):
+        return None
+    from peft_adalora.allocator import training_penalty
+
+    return training_penalty(model, adapter_name)
+
+
+@hookimpl
+def peft_delete(model: nn.Module, config: object, adapter_name: str) -> None:
+    """The adapter's allocator holds its layers: it goes with them."""
+    if isinstance(config, AdaLoraConfig):
+        from peft_adalora.allocator import forget
+
+        forget(model, adapter_name)
+
+
+@hookimpl
 def peft_optimizer_step(model: nn.Module, config: object, adapter_name: str, step: int) -> None:
     """peft-core's own training loops: allocate ranks after each optimizer step, as install_allocator does."""
     if not isinstance(config, AdaLoraConfig) or config.inference_mode:
@@ -80,3 +103,14 @@ def peft_optimizer_step(model: nn.Module, config: object, adapter_name: str, ste
     allocator = allocators(model).get(adapter_name)
     if allocator is not None and allocator.attached():
         allocator.step(step)
+
+
+@hookimpl
+def peft_describe(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """For ``peft inspect``: the rank budget and the ranks the saved triplets really have (only the kept ones
+    are saved, so they show what the allocator left)."""
+    if config.get("peft_type") != AdaLoraConfig.PEFT_TYPE:
+        return None
+    from peft_lora.saved import describe
+
+    return describe(config, tensors, size_fields=("init_r", "target_r", "lora_alpha"), a_suffixes=(".lora_A",))

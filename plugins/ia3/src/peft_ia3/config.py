@@ -20,8 +20,8 @@ class IA3Config(LayerConfig):
     """
 
     PEFT_TYPE: ClassVar[str] = "IA3"
-    # Keys, values and the feed-forward output by default (peft_core.targets), the feed-forward ones
-    # from the "feedforward" column.
+    # Keys, values and the feed-forward output by default, the feed-forward ones from the "feedforward" role
+    # (peft_ia3.targets, added to the core's table by the plugin).
     DEFAULT_TARGETS_ROLE: ClassVar[str] = "ia3"
 
     feedforward_modules: list[str] | str | None = None

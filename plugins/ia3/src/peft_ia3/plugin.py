@@ -21,6 +21,15 @@ def peft_register_methods(register) -> None:
 
 
 @hookimpl
+def peft_default_targets(register) -> None:
+    from peft_ia3.targets import DEFAULT_TARGETS
+
+    for family, (targets, feedforward) in DEFAULT_TARGETS.items():
+        register(family, "ia3", targets)
+        register(family, "feedforward", feedforward)
+
+
+@hookimpl
 def peft_inject(model: nn.Module, config: object, adapter_name: str) -> list[str] | None:
     if not isinstance(config, IA3Config):
         return None

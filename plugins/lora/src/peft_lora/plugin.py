@@ -25,6 +25,22 @@ def peft_register_methods(register) -> None:
 
 
 @hookimpl
+def peft_register_formats(register) -> None:
+    """``peft convert --to diffusers`` / ``--from diffusers`` (the module imports neither torch nor diffusers)."""
+    from peft_lora.diffusers_format import FORMAT
+
+    register(FORMAT)
+
+
+@hookimpl
+def peft_default_targets(register) -> None:
+    from peft_lora.targets import DEFAULT_TARGETS
+
+    for family, module_names in DEFAULT_TARGETS.items():
+        register(family, "attention", module_names)
+
+
+@hookimpl
 def peft_inject(model: nn.Module, config: object, adapter_name: str) -> list[str] | None:
     if not isinstance(config, LoraConfig):
         return None
@@ -44,7 +60,8 @@ def peft_state_dict(model: nn.Module, config: object, adapter_name: str) -> dict
         return None
     from peft_core.defaults import adapter_state_dict, trained_bias_tensors
 
-    return {**adapter_state_dict(model, adapter_name), **trained_bias_tensors(model, adapter_name, config.bias)}
+    biases = trained_bias_tensors(model, adapter_name, wrapped_layers_only=config.bias == "lora_only")
+    return {**adapter_state_dict(model, adapter_name), **biases}
 
 
 @hookimpl
@@ -59,3 +76,13 @@ def peft_add_weighted_adapter(
 
     add_weighted_adapter(peft_model, adapters, weights, adapter_name, combination_type, options)
     return True
+
+
+@hookimpl
+def peft_describe(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any] | None:
+    """For ``peft inspect``: the config's rank and alpha fields and the ranks the factors really have."""
+    if config.get("peft_type") != LoraConfig.PEFT_TYPE:
+        return None
+    from peft_lora.saved import describe
+
+    return describe(config, tensors)

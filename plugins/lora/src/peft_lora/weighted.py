@@ -423,7 +423,7 @@ def merge_tensors(
     their weighted values.
     """
     if merge not in MERGES:
-        raise ValueError(f"merge must be one of {MERGES}, not {merge!r}.")
+        raise ConfigError(f"merge must be one of {', '.join(MERGES)}, not {merge!r}.")
     if merge in ("ties", "magnitude_prune"):
         tensors = [prune_by_magnitude(t, density) for t in tensors]
     elif merge in ("dare_linear", "dare_ties"):

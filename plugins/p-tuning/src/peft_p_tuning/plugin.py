@@ -6,7 +6,7 @@ only registers its method and builds its prompt.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from peft_core import Method, hookimpl
 
@@ -37,3 +37,11 @@ def peft_inject(model: nn.Module, config: object, adapter_name: str) -> list[str
 
     config.complete_from(model)
     return inject_soft_prompt(model, config, adapter_name, build_prompt(config))
+
+
+@hookimpl
+def peft_describe(config: dict[str, Any], tensors: dict[str, Any]) -> dict[str, Any] | None:
+    """For ``peft inspect``: the width of the prompt encoder that trained the saved rows."""
+    if config.get("peft_type") != PromptEncoderConfig.PEFT_TYPE:
+        return None
+    return {"encoder_hidden_size": config.get("encoder_hidden_size")}

@@ -1,4 +1,5 @@
-"""``peft train``: training, outputs, options from flags and config files, Ctrl-C and --resume, errors, demo.
+"""``peft train``: training, outputs, options from flags and config files, Ctrl-C and --resume, refusals,
+errors, demo.
 
 Runs the command in-process through ``peft_core.cli.main`` on the tiny Llama and a word-level tokenizer,
 so each run takes a fraction of a second.
@@ -7,13 +8,16 @@ so each run takes a fraction of a second.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from peft_core.cli import main, training_run
-from peft_core.cli import train as train_cli
+from peft_core.cli import main
+from peft_core.errors import PeftError
 from peft_core.testing import tiny_model, tiny_tokenizer
+from peft_train import command, options, outputs
+from peft_train import data as train_data
 from safetensors.torch import load_file
 
 
@@ -105,6 +109,20 @@ def test_methods_that_need_more_than_lora(
     assert len(_losses(out)) == 4
 
 
+def test_trainer_options_reach_the_trainer(model_dir: Path, data: Path, tmp_path: Path) -> None:
+    # Gradient accumulation, mixed precision (bf16 autocast runs on a CPU too), the schedule and the epochs are the
+    # Trainer's: the run hands them over in its TrainingArguments, which it saves beside the adapter.
+    out = tmp_path / "out"
+    flags = ["--epochs", "2", "--batch-size", "4", "--gradient-accumulation", "2", "--mixed-precision", "bf16",
+             "--schedule", "cosine", "--max-grad-norm", "0.5"]
+    assert _train(model_dir, data, out, *flags) == 0
+    args = torch.load(out / "training_args.bin", weights_only=False)  # written by this test's own run
+    assert (args.gradient_accumulation_steps, args.bf16, args.lr_scheduler_type.value) == (2, True, "cosine")
+    assert (args.max_grad_norm, args.warmup_steps, args.report_to) == (0.5, 0.1, [])
+    # 16 examples, 4 a batch, 2 batches a step: 2 steps an epoch, 4 in all.
+    assert args.max_steps == 4 and len(_losses(out)) == 4
+
+
 def test_a_toml_config_file_and_flags_that_override_it(model_dir: Path, data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     config = tmp_path / "run.toml"
@@ -143,11 +161,12 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(
     assert _train(model_dir, data, stopped, *common, "--stop-after", "3") == 130
     assert "checkpoint saved" in capsys.readouterr().err
     checkpoint = stopped / "checkpoint-3"
-    assert {"adapter_model.safetensors", "adapter_config.json", "training_state.pt"} <= {
-        p.name for p in checkpoint.iterdir()
-    }
-    assert torch.load(checkpoint / "training_state.pt", weights_only=True)["step"] == 3
+    # The Trainer's checkpoint: the adapter only, optimizer, scheduler, RNG states and the Trainer's state.
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+            "trainer_state.json"} <= {p.name for p in checkpoint.iterdir()}
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["global_step"] == 3
     assert not (stopped / "adapter_model.safetensors").exists()
+    assert len(_losses(stopped)) == 3
 
     # --resume needs only --out: the other options come from the interrupted run.
     assert main(["train", "--out", str(stopped), "--resume", "--quiet"]) == 0
@@ -166,27 +185,49 @@ def test_a_keyboard_interrupt_from_the_step_hook_exits_130_with_a_checkpoint(
         if step == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_cli, "STEP_HOOK", hook)
+    monkeypatch.setattr(command, "STEP_HOOK", hook)
     out = tmp_path / "out"
     assert _train(model_dir, data, out, "--steps", "5") == 130
-    assert [step for step, _ in training_run.checkpoints(out)] == [2]
+    assert [step for step, _ in outputs.checkpoints(out)] == [2]
     assert len(_losses(out)) == 2
 
 
 def test_save_every_writes_periodic_checkpoints(model_dir: Path, data: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert _train(model_dir, data, out, "--steps", "5", "--save-every", "2") == 0
-    assert [step for step, _ in training_run.checkpoints(out)] == [2, 4]
+    # No checkpoint of the last step: the finished adapter is in --out itself.
+    assert [step for step, _ in outputs.checkpoints(out)] == [2, 4]
 
 
 def test_resume_refusals(model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     assert _train(model_dir, data, out, "--steps", "2", "--resume") == 1
-    assert "no checkpoint" in capsys.readouterr().err
-    assert _train(model_dir, data, out, "--steps", "3", "--save-every", "1") == 0
+    assert f"--resume: {out} does not exist, so there is nothing to continue" in capsys.readouterr().err
+    out.mkdir()
+    assert _train(model_dir, data, out, "--steps", "2", "--resume") == 1
+    assert "holds no checkpoint" in capsys.readouterr().err
+    assert _train(model_dir, data, out, "--steps", "3", "--stop-after", "2") == 130
+    capsys.readouterr()
     # A fresh run into a folder of checkpoints would make a later --resume pick up the wrong run.
     assert _train(model_dir, data, out, "--steps", "3") == 1
-    assert "--resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds checkpoints of an earlier run (up to checkpoint-2)" in err and "--resume" in err
+
+
+def test_a_finished_adapter_is_replaced_only_with_force(
+    model_dir: Path, data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    assert _train(model_dir, data, out, "--steps", "2", "--save-every", "1", "--method-option", "r=2") == 0
+    before = (out / "adapter_model.safetensors").read_bytes()
+    assert _train(model_dir, data, out, "--steps", "1", "--method-option", "r=4") == 1
+    err = capsys.readouterr().err
+    assert "holds a finished adapter" in err and "--force" in err and err.count("\n") == 1
+    assert (out / "adapter_model.safetensors").read_bytes() == before  # refused before touching anything
+    assert _train(model_dir, data, out, "--steps", "1", "--method-option", "r=4", "--force") == 0
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    assert outputs.checkpoints(out) == []  # the earlier run's checkpoints went with its adapter
+    assert len(_losses(out)) == 1
 
 
 @pytest.mark.parametrize(
@@ -196,8 +237,13 @@ def test_resume_refusals(model_dir: Path, data: Path, tmp_path: Path, capsys: py
         (["--method", "nope"], "installed methods are"),
         (["--method-option", "r"], "expected KEY=VALUE"),
         (["--method-option", "rank=8"], "lora has no option 'rank'"),
-        (["--method-option", "r=eight"], "r='eight': expected int"),
+        # The method's config class judges the value: one type check for configs, wherever they come from.
+        (["--method-option", "r=eight"], "LoraConfig.r must be int, not str ('eight')"),
+        (["--method-option", "lora_dropout=[1]"], "LoraConfig.lora_dropout must be float"),
+        (["--schedule", "constant", "--lr", "-1"], "lr must be a non-negative number"),
         (["--data", "/nonexistent/data.jsonl"], "data not found"),
+        # Logging integrations are transformers': an unknown name gets its list of the supported ones.
+        (["--report-to", "nope"], "nope is not supported, only azure_ml"),
     ],
 )
 def test_errors_are_one_line_and_exit_1(
@@ -233,34 +279,89 @@ def test_data_formats(model_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "b.jsonl").write_text(json.dumps({"prompt": "w5 w6", "completion": "w7 w8"}) + "\n", encoding="utf-8")
     datasets.Dataset.from_dict({"text": ["w3 w4"]}).save_to_disk(str(tmp_path / "c"))
 
-    assert training_run.read_records(tmp_path / "a.txt") == [{"text": "w5 w6"}, {"text": "w7 w8 w9"}]
-    assert training_run.read_records(tmp_path / "c") == [{"text": "w3 w4"}]
-    (example,) = training_run.tokenize_records(training_run.read_records(tmp_path / "b.jsonl"), tokenizer, None)
+    assert train_data.read_records(tmp_path / "a.txt") == [{"text": "w5 w6"}, {"text": "w7 w8 w9"}]
+    assert train_data.read_records(tmp_path / "c") == [{"text": "w3 w4"}]
+    (example,) = train_data.tokenize_records(train_data.read_records(tmp_path / "b.jsonl"), tokenizer, None)
     # Only the completion is learned: the prompt's labels are masked.
-    assert example.input_ids == [5, 6, 7, 8]
-    assert example.labels == [-100, -100, 7, 8]
-    (short,) = training_run.tokenize_records([{"text": "w3 w4 w5 w6"}], tokenizer, max_length=3)
-    assert short.input_ids == [3, 4, 5]
-    with pytest.raises(ValueError, match="neither 'text' nor 'prompt'"):
-        training_run.tokenize_records([{"body": "w3"}], tokenizer, None)
+    assert example == {"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]}
+    (short,) = train_data.tokenize_records([{"text": "w3 w4 w5 w6"}], tokenizer, max_length=3)
+    assert short["input_ids"] == [3, 4, 5]
+    with pytest.raises(PeftError, match="neither 'text' nor 'prompt'"):
+        train_data.tokenize_records([{"body": "w3"}], tokenizer, None)
 
-    batch = training_run.collate([example, short], pad_id=0)
+    batch = train_data.make_collator(tokenizer)([example, short])
+    assert batch["input_ids"][1].tolist() == [3, 4, 5, tokenizer.pad_token_id]
     assert batch["labels"][1].tolist() == [3, 4, 5, -100]  # padding is never a target
     assert batch["attention_mask"][1].tolist() == [1, 1, 1, 0]
 
 
+def test_a_dataset_folder_without_datasets_names_the_package_to_install(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails, as when not installed
+    args = ["train", "--model", str(model_dir), "--data", str(folder), "--out", str(tmp_path / "out"), "--steps", "1"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "pip install datasets" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_method_option_values() -> None:
-    assert train_cli.parse_method_options(["r=8", "a=0.5", "b=true", "c=none", "t=q,v", "j=[1, 2]", "s=x"]) == {
+    assert options.parse_method_options(["r=8", "a=0.5", "b=true", "c=none", "t=q,v", "j=[1, 2]", "s=x"]) == {
         "r": 8, "a": 0.5, "b": True, "c": None, "t": ["q", "v"], "j": [1, 2], "s": "x",
     }
+    # A list field given one plain name gets a one-item list; a regex stays the string the config allows.
+    assert options.method_config("lora", {"target_modules": "q_proj"}).target_modules == ["q_proj"]
+    assert options.method_config("lora", {"target_modules": r".*\.q_proj"}).target_modules == r".*\.q_proj"
 
 
-def test_data_order_covers_each_epoch_once() -> None:
-    steps = [training_run.batch_indices(step, 10, 4, seed=1) for step in range(6)]  # 3 steps an epoch
-    assert [len(s) for s in steps] == [4, 4, 2, 4, 4, 2]
-    first, second = [i for s in steps[:3] for i in s], [i for s in steps[3:] for i in s]
-    assert sorted(first) == list(range(10)) == sorted(second)
-    assert steps[:3] != steps[3:]  # each epoch is shuffled anew
+def test_each_epoch_covers_the_data_once_in_a_new_order(model_dir: Path, tmp_path: Path) -> None:
+    from peft_core import get_peft_model
+    from peft_lora import LoraConfig
+    from peft_train.trainer import PeftTrainer
+    from peft_train.training import TrainSettings, training_arguments
+    from transformers import AutoTokenizer
+
+    features = [{"input_ids": [i + 2, 3], "labels": [i + 2, 3]} for i in range(10)]
+    model = get_peft_model(tiny_model("llama", model_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    collator = train_data.make_collator(AutoTokenizer.from_pretrained(model_dir))
+    trainer = PeftTrainer(model=model, args=training_arguments(TrainSettings(steps=6, batch_size=4), tmp_path),
+                          train_dataset=features, data_collator=collator)
+    loader = trainer.get_train_dataloader()
+    epochs = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        batches = [batch["input_ids"][:, 0].tolist() for batch in loader]
+        assert [len(b) for b in batches] == [4, 4, 2]  # the last batch of an epoch is smaller
+        epochs.append([row for b in batches for row in b])
+    assert sorted(epochs[0]) == list(range(2, 12)) == sorted(epochs[1])
+    assert epochs[0] != epochs[1]  # each epoch is shuffled anew
+
+
+def test_the_optimizer_step_hook_runs_once_per_step_and_active_adapter(
+    model_dir: Path, data: Path, tmp_path: Path
+) -> None:
+    from peft_core import hookimpl, register_plugin
+    from peft_core.plugins import registry
+
+    class Spy:
+        calls: list[tuple[str, int, bool]] = []
+
+        @hookimpl
+        def peft_optimizer_step(self, model, config, adapter_name, step):
+            # Called before the gradients are zeroed: AdaLoRA's allocator reads them.
+            grads = [p.grad for p in model.parameters() if p.requires_grad]
+            self.calls.append((adapter_name, step, all(g is not None for g in grads)))
+
+    spy = Spy()
+    register_plugin(spy, name="optimizer-step-spy")
+    try:
+        assert _train(model_dir, data, tmp_path / "out", "--steps", "3", "--batch-size", "4") == 0
+    finally:
+        registry().manager.unregister(spy)
+    assert spy.calls == [("default", 0, True), ("default", 1, True), ("default", 2, True)]
 
 
 def test_demo_one_step(tmp_path: Path) -> None:

@@ -38,11 +38,15 @@ class PeftTrainerMixin:
         self.can_return_loss = can_return_loss(wrapped)
 
     def _peft_model(self) -> Any:
+        from peft_core.errors import PeftError
         from peft_core.model import PeftModel
 
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not isinstance(model, PeftModel):
-            raise TypeError(f"{type(self).__name__} trains a peft_core PeftModel, not a {type(model).__name__}.")
+            raise PeftError(
+                f"{type(self).__name__} trains a peft_core PeftModel, not a {type(model).__name__}: wrap the model "
+                "with peft_core.get_peft_model(model, config) first."
+            )
         return model
 
     def _set_signature_columns_if_needed(self) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 from trl import SFTTrainer
 from trl.trainer.utils import add_fused_lm_head
 
-from peft_core.integrations.transformers import PeftTrainerMixin
+from peft_train.trainer import PeftTrainerMixin
 
 FUSED_OUTPUTS = ("log_probs", "entropy", "is_top1")  # what SFTTrainer's loss and metrics read
 

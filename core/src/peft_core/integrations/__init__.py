@@ -1,1 +1,0 @@
-"""Integrations with the libraries users train with; each module imports its library on first use."""
