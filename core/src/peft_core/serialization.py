@@ -249,7 +249,7 @@ def config_from_file(data: dict[str, Any], file: str) -> PeftConfig:
 def read_config(path_or_repo: str | os.PathLike, **hub_kwargs: Any) -> PeftConfig:
     """The config of a saved adapter, of the class its ``peft_type`` names; errors name the file."""
     file = _config_file(path_or_repo, **hub_kwargs)
-    return config_from_file(_config_data(Path(file).read_bytes(), file), file)
+    return config_from_file(read_config_dict(file), file)
 
 
 # --- reading adapters ------------------------------------------------------------------------------
